@@ -1,0 +1,1 @@
+"""Data layer: NIfTI I/O and preprocessing, manifests, the synthetic cohort, Grain pipeline."""
