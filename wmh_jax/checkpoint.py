@@ -1,0 +1,166 @@
+"""Orbax checkpoints: train state, Grain iterator state and the run's config.
+
+Layout: ``workdir/checkpoints/<step>/{state,data_iter,config}``. ``state`` is a
+plain pytree ``{"step", "params", "opt_state", "rng"}``; ``config`` is the
+run's ``ConfigDict`` as JSON, so a checkpoint is self-describing: analysis and
+prediction rebuild the model from the workdir alone. Nothing is pickled.
+
+Retention: the latest ``keep`` checkpoints plus the best one by the validation
+score (``metrics["val_score"]``, higher is better).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from wmh_jax.errors import CheckpointError
+
+SCORE = "val_score"
+
+
+def _score(metrics: dict[str, float]) -> float:
+  return metrics[SCORE]
+
+
+class Checkpointer:
+  """Saves and restores one training run under ``workdir/checkpoints``."""
+
+  def __init__(self, workdir: str | Path, keep: int = 3):
+    self.directory = Path(workdir).absolute() / "checkpoints"
+    preservation = policies.AnyPreservationPolicy([
+        policies.LatestN(n=keep),
+        policies.BestN(get_metric_fn=_score, reverse=False, n=1,
+                       keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        best_fn=_score, best_mode="max", preservation_policy=preservation,
+        enable_async_checkpointing=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def save(self, step: int, state: dict, data_iter: Any,
+           config: ml_collections.ConfigDict,
+           metrics: dict[str, float] | None = None) -> None:
+    """Starts an asynchronous save of ``state``, the iterator and the config."""
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data_iter=grain.checkpoint.CheckpointSave(data_iter),
+        config=ocp.args.JsonSave(json.loads(config.to_json())))
+    self.manager.save(step, args=args, metrics=metrics, force=True)
+
+  def restore_latest(self, abstract_state: dict, data_iter: Any,
+                     config: ml_collections.ConfigDict) -> dict | None:
+    """Restores the newest readable checkpoint into ``data_iter``; None if none.
+
+    A step that fails to restore (truncated or missing files) is skipped with
+    a warning naming it, and the previous step is tried.
+
+    Raises:
+      CheckpointError: when the stored model config differs from ``config``.
+    """
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        stored = self._restore_config(step)
+      except Exception as err:  # pylint: disable=broad-except
+        logging.warning("checkpoint step %d is unreadable (%s); trying an earlier one",
+                        step, err)
+        continue
+      _check_compatible(stored, config, self.directory)
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+      except Exception as err:  # pylint: disable=broad-except
+        logging.warning("checkpoint step %d is corrupt (%s); trying an earlier one",
+                        step, err)
+        continue
+      return restored["state"]
+    return None
+
+  def _restore_config(self, step: int) -> dict:
+    return self.manager.restore(
+        step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are on disk."""
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def _check_compatible(stored: dict, config: ml_collections.ConfigDict,
+                      directory: Path) -> None:
+  """The stored run must have the same model and grid as the one resuming."""
+  for section, fields in (("model", ("kind", "base_filters", "depth")),
+                          ("data", ("shape",))):
+    for field in fields:
+      old, new = stored[section][field], config[section][field]
+      if json.loads(json.dumps(old)) != json.loads(json.dumps(new)):
+        raise CheckpointError(
+            directory, f"checkpoint was trained with {section}.{field}={old!r} but the "
+            f"config asks for {new!r}; use a fresh --workdir or the original config")
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoredRun:
+  """A trained model as analysis and prediction need it."""
+  workdir: Path
+  step: int
+  config: ml_collections.ConfigDict
+  params: dict
+
+
+def restore_for_inference(workdir: str | Path, which: str = "best") -> RestoredRun:
+  """Restores params and config from a run's workdir alone.
+
+  Args:
+    workdir: a single-seed run directory (holding ``checkpoints/``).
+    which: ``"best"`` (highest validation score) or ``"latest"``.
+
+  Raises:
+    CheckpointError: when the workdir holds no readable checkpoint.
+  """
+  directory = Path(workdir).absolute() / "checkpoints"
+  if not directory.is_dir():
+    raise CheckpointError(workdir, "no checkpoints/ folder: is this a training workdir?")
+  options = ocp.CheckpointManagerOptions(best_fn=_score, best_mode="max", read_only=True)
+  with ocp.CheckpointManager(directory, options=options) as manager:
+    preferred = manager.best_step() if which == "best" else manager.latest_step()
+    steps = [preferred] + sorted((s for s in manager.all_steps() if s != preferred),
+                                 reverse=True)
+    for step in (s for s in steps if s is not None):
+      try:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
+      except Exception as err:  # pylint: disable=broad-except
+        logging.warning("checkpoint step %d in %s is corrupt (%s); trying an earlier one",
+                        step, workdir, err)
+        continue
+      params = jax.tree.map(jax.device_get, restored["state"]["params"])
+      return RestoredRun(Path(workdir), step, ml_collections.ConfigDict(restored["config"]),
+                         params)
+  raise CheckpointError(workdir, "no readable checkpoint")
+
+
+def run_dirs(path: str | Path) -> list[Path]:
+  """Single-seed run dirs under ``path``: ``path`` itself or its ``seed_*`` children."""
+  path = Path(path)
+  if (path / "checkpoints").is_dir():
+    return [path]
+  seeds = sorted(p for p in path.glob("seed_*") if (p / "checkpoints").is_dir())
+  if not seeds:
+    raise CheckpointError(path, "no checkpoints here nor in seed_*/ subfolders")
+  return seeds

@@ -1,0 +1,220 @@
+"""The training loop: init, sharded step, validation, checkpoints, logs.
+
+One generic loop serves every model kind (weak, strong, joint, severity);
+the kind only selects the model heads (``models.build_model``) and the loss
+(``losses.loss_fn``). The train state is a plain dict
+``{"step", "params", "opt_state", "rng"}`` replicated over the data mesh.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from wmh_jax import checkpoint, inference, losses, models, sharding
+from wmh_jax.data import pipeline, records as records_lib
+from wmh_jax.errors import TrainingError
+from wmh_jax.evaluation import metrics as metrics_lib
+from wmh_jax.logs import MetricLogger
+
+State = dict[str, Any]
+
+
+def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adadelta (Keras-2 values: lr 1.0, rho 0.95, eps 1e-7) or Adam, with linear warm-up.
+
+  optax's ``adadelta`` default ``learning_rate=None`` climbs the loss, so the
+  rate is always passed explicitly.
+  """
+  rate = train_config.learning_rate
+  schedule = (optax.linear_schedule(0.0, rate, train_config.warmup_steps)
+              if train_config.warmup_steps > 0 else rate)
+  if train_config.optimizer == "adadelta":
+    return optax.adadelta(learning_rate=schedule, rho=train_config.rho, eps=train_config.eps)
+  if train_config.optimizer == "adam":
+    return optax.adam(learning_rate=schedule)
+  raise ValueError(f"unknown optimizer {train_config.optimizer!r}; use adadelta or adam")
+
+
+def init_state(model, optimizer: optax.GradientTransformation, seed: int,
+               image_shape: tuple[int, ...]) -> State:
+  """Initial train state on the host. ``image_shape`` is (x, y, z)."""
+  rng = jax.random.key_data(jax.random.key(seed))
+  params = model.init(jax.random.wrap_key_data(rng), jnp.zeros((1, *image_shape, 1)))["params"]
+  return {"step": jnp.zeros((), jnp.int32), "params": params,
+          "opt_state": optimizer.init(params), "rng": rng}
+
+
+def make_train_step(model, config: ml_collections.ConfigDict,
+                    optimizer: optax.GradientTransformation, mesh: Mesh):
+  """``(state, global batch) -> (state, metrics)`` as ``jit(shard_map)``, state donated.
+
+  Each device computes the loss and gradients on its rows; ``lax.pmean``
+  averages gradients and metrics over the ``"data"`` axis (pmap semantics).
+  """
+  kind = config.model.kind
+
+  def per_device(state: State, batch: dict) -> tuple[State, dict]:
+    def loss_of(params):
+      outputs = model.apply({"params": params}, batch["image"])
+      return losses.loss_fn(kind, outputs, batch, config)
+
+    (_, step_metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+    grads = lax.pmean(grads, sharding.DATA_AXIS)
+    step_metrics = lax.pmean(step_metrics, sharding.DATA_AXIS)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}
+    return new_state, step_metrics
+
+  return sharding.data_parallel(per_device, mesh, in_specs=(P(), P(sharding.DATA_AXIS)),
+                                out_specs=(P(), P()), donate_argnums=(0,))
+
+
+def validation_metrics(kind: str, predictions: dict[str, np.ndarray],
+                       records: list[dict]) -> dict[str, float]:
+  """Per-epoch validation summary; ``val_score`` ranks checkpoints (higher is better).
+
+  weak/joint: ICC(2,1) of predicted vs annotated volume. strong: mean Dice
+  (and the ICC of the thresholded volume). severity: ICC(2,1) of classes.
+  """
+  annotated = np.array([r["wmh_volume_ml"] for r in records], np.float64)
+  result: dict[str, float] = {}
+  if kind == "severity":
+    truth = np.array([r["severity"] for r in records], np.float64)
+    result["val_icc"] = metrics_lib.icc_2_1(truth, predictions["severity"].astype(np.float64))
+    result["val_accuracy"] = float(np.mean(truth == predictions["severity"]))
+    result["val_score"] = result["val_icc"]
+    return result
+  result["val_icc"] = metrics_lib.icc_2_1(annotated, predictions["volume_ml"])
+  if "seg_prob" in predictions:
+    masks = [pipeline.load_record(r)["mask"][..., 0] for r in records]
+    dices = [metrics_lib.dice(m > 0.5, p > 0.5) for m, p in zip(masks, predictions["seg_prob"])]
+    result["val_dice"] = float(np.mean(dices))
+  result["val_score"] = result["val_dice"] if kind == "strong" else result["val_icc"]
+  return {k: float(v) for k, v in result.items()}
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks, so it can checkpoint and exit."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
+  """Trains one seed in ``workdir`` (resuming if it holds checkpoints).
+
+  Returns:
+    The last validation metrics (``val_icc``, ``val_score``, ...), plus
+    ``preempted`` = 1.0 when SIGTERM stopped the run early.
+  """
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  mesh = sharding.make_mesh()
+  splits = records_lib.split_records(
+      records_lib.load_records(records_lib.training_manifest(config), config))
+  train_records, val_records = splits["train"], splits["val"]
+  if not train_records or not val_records:
+    raise TrainingError(config.data.manifest or None,
+                        f"need train and val scans, got {len(train_records)} and {len(val_records)}")
+
+  batch_size = config.train.batch_size
+  steps_per_epoch = len(train_records) // batch_size
+  if steps_per_epoch == 0:
+    raise TrainingError(None, f"{len(train_records)} training scans < batch size {batch_size}")
+  total_steps = steps_per_epoch * config.train.num_epochs
+  shape = tuple(int(s) for s in config.data.shape)
+  mean_target = float(np.mean([r["wmh_volume_ml"] for r in train_records])
+                      / config.data.volume_scale_ml)
+
+  model = models.build_model(config.model, volume_bias_init=mean_target)
+  optimizer = make_optimizer(config.train)
+  host_state = init_state(model, optimizer, config.seed, shape)
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated_sharding(mesh)),
+      host_state)
+  data_iter = pipeline.make_train_iterator(
+      train_records, config, seed=config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      batch_size_per_process=sharding.local_batch_size(batch_size))
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.train.checkpoint_keep)
+  restored = ckpt.restore_latest(abstract, data_iter, config)
+  state = restored if restored is not None else sharding.replicate(host_state, mesh)
+  start = int(state["step"])
+  if start:
+    logging.info("resumed %s at step %d", workdir, start)
+
+  step_fn = make_train_step(model, config, optimizer, mesh)
+  forward = inference.make_forward(model, mesh)
+  logger = MetricLogger(workdir, start_step=start, total_steps=total_steps,
+                        batch_size=batch_size)
+  last_val: dict[str, float] = {}
+  try:
+    with _Preemption() as preemption:
+      for step in range(start, total_steps):
+        wait_start = time.perf_counter()
+        local = next(data_iter)
+        data_wait = time.perf_counter() - wait_start
+        if step == config.train.debug_nan_step:
+          local = {**local, "image": local["image"] * np.float32("nan")}
+        state, step_metrics = step_fn(state, sharding.global_batch(local, mesh))
+        step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        if not np.isfinite(step_metrics["loss"]):
+          ckpt.wait()
+          raise TrainingError(workdir, f"non-finite loss {step_metrics['loss']} at step "
+                              f"{step + 1}; stopped. Last good checkpoint: step "
+                              f"{ckpt.latest_step()}")
+        logger.log_step(step + 1, step_metrics, data_wait_s=data_wait,
+                        step_time_s=time.perf_counter() - wait_start)
+        epoch_end = (step + 1) % steps_per_epoch == 0
+        if epoch_end:
+          predictions = inference.physical_outputs(
+              jax.tree.map(np.asarray, inference.run_batches(
+                  forward, state["params"], pipeline.eval_batches(val_records, batch_size),
+                  mesh, keep_maps=config.model.kind in ("strong", "joint"))),
+              volume_scale_ml=config.data.volume_scale_ml, voxel_ml=records_lib.voxel_ml(config))
+          last_val = validation_metrics(config.model.kind, predictions, val_records)
+          logger.log_eval(step + 1, (step + 1) // steps_per_epoch, last_val)
+        if epoch_end or preemption.requested or step + 1 == total_steps:
+          ckpt.save(step + 1, state, data_iter, config,
+                    metrics={"val_score": last_val["val_score"]} if epoch_end else None)
+        if preemption.requested:
+          logging.warning("SIGTERM: saved step %d in %s and stopping", step + 1, workdir)
+          return {**last_val, "preempted": 1.0}
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    logger.close()
+  if not last_val:  # resumed a finished run: report the stored best
+    last_val = json.loads((workdir / "final_metrics.json").read_text())
+  (workdir / "final_metrics.json").write_text(json.dumps(last_val, indent=2))
+  return last_val
