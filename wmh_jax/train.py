@@ -137,6 +137,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     The last validation metrics (``val_icc``, ``val_score``, ...), plus
     ``preempted`` = 1.0 when SIGTERM stopped the run early.
   """
+  return run(config, workdir)[1]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[State, dict[str, float]]:
+  """Like :func:`train_and_evaluate`, also returning the final train state."""
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh()
@@ -209,7 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                     metrics={"val_score": last_val["val_score"]} if epoch_end else None)
         if preemption.requested:
           logging.warning("SIGTERM: saved step %d in %s and stopping", step + 1, workdir)
-          return {**last_val, "preempted": 1.0}
+          return state, {**last_val, "preempted": 1.0}
   finally:
     ckpt.wait()
     ckpt.close()
@@ -217,4 +222,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   if not last_val:  # resumed a finished run: report the stored best
     last_val = json.loads((workdir / "final_metrics.json").read_text())
   (workdir / "final_metrics.json").write_text(json.dumps(last_val, indent=2))
-  return last_val
+  return state, last_val

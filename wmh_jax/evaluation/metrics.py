@@ -188,7 +188,7 @@ def log_volume_difference(ref_volume: float, res_volume: float) -> float:
   ref, res = _check_volumes(ref_volume, res_volume)
   if ref == 0 or res == 0:
     return 0.0 if ref == res else float("inf")
-  return abs(np.log(res) - np.log(ref))
+  return float(abs(np.log(res) - np.log(ref)))
 
 
 # ---------------------------------------------------------------------------
@@ -323,15 +323,15 @@ def challenge_metrics(ref_labels: np.ndarray, result: np.ndarray, affine: np.nda
   affine = _check_affine(affine)
   voxel_ml = _voxel_ml(affine, spacing_mm)
   ref, res = challenge_masks(ref_labels, result)
-  ref_ml, res_ml = ref.sum() * voxel_ml, res.sum() * voxel_ml
+  ref_voxels, res_voxels = int(ref.sum()), int(res.sum())
   lesions = lesion_recall_f1(ref, res)
   return {
       "dice": dice(ref, res),
       "hd95_mm": hd95_mm(ref, res, affine),
-      "avd_percent": avd_percent(ref_ml, res_ml),
-      "log_volume_difference": log_volume_difference(ref_ml, res_ml),
+      "avd_percent": avd_percent(ref_voxels, res_voxels),
+      "log_volume_difference": log_volume_difference(ref_voxels, res_voxels),
       "lesion_recall": lesions["recall"],
       "lesion_f1": lesions["f1"],
-      "reference_volume_ml": float(ref_ml),
-      "result_volume_ml": float(res_ml),
+      "reference_volume_ml": ref_voxels * voxel_ml,
+      "result_volume_ml": res_voxels * voxel_ml,
   }

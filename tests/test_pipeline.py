@@ -1,0 +1,186 @@
+"""Tests of the Grain input pipeline (wmh_jax/data/pipeline.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grain
+import ml_collections
+import nibabel as nib
+import numpy as np
+import pytest
+from etils import epath
+
+from wmh_jax import configs
+from wmh_jax.data import cache, nifti, pipeline
+
+SPEC = nifti.PreprocessSpec(shape=(16, 16, 8), spacing_mm=(1.5, 1.5, 3.0))
+NATIVE_SHAPE = (20, 20, 20)  # 1.2 mm voxels
+NUM_RECORDS = 8
+SEED = 7
+
+
+def _write_scan(directory: Path, index: int, rng: np.random.Generator) -> tuple[str, str]:
+  """An off-centre ellipsoid brain with a gradient and one lesion; (image, mask) paths."""
+  grid = np.stack(np.meshgrid(*[np.arange(n) for n in NATIVE_SHAPE], indexing="ij"), -1)
+  centre = (np.array(NATIVE_SHAPE) - 1) / 2 + rng.uniform(-1, 1, 3)
+  brain = (((grid - centre) / np.array([9.0, 8.0, 8.0])) ** 2).sum(-1) < 1.0
+  lesion = ((grid - centre - rng.uniform(-3, 3, 3)) ** 2).sum(-1) < rng.uniform(1.5, 3) ** 2
+  image = np.where(brain, 0.4 + 0.02 * grid[..., 1] + 0.01 * index, 0.0) + lesion * brain
+  affine = np.diag([1.2, 1.2, 1.2, 1.0])
+  paths = directory / f"s{index}.nii.gz", directory / f"s{index}_wmh.nii.gz"
+  nib.save(nib.Nifti1Image(image.astype(np.float32), affine), paths[0])
+  nib.save(nib.Nifti1Image((lesion & brain).astype(np.uint8), affine), paths[1])
+  return str(paths[0]), str(paths[1])
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory) -> list[dict]:
+  """8 cached records: even ones with a mask, odd ones weak-only (volume i mL)."""
+  directory = tmp_path_factory.mktemp("scans")
+  rng = np.random.default_rng(0)
+  rows = []
+  for i in range(NUM_RECORDS):
+    image, mask = _write_scan(directory, i, rng)
+    weak = i % 2 == 1
+    rows.append({"subject_id": f"sub{i}", "scan_id": f"s{i}", "image": image,
+                 "mask": "" if weak else mask, "severity": i % 5,
+                 "wmh_volume_ml": float(i) if weak else None})
+  recs, failures = cache.preprocessed_records(rows, SPEC, directory / "cache", workers=1)
+  assert not failures
+  return recs
+
+
+def _config(worker_count: int = 0, enabled: bool = True) -> ml_collections.ConfigDict:
+  config = configs.get_config()
+  config.loader.worker_count = worker_count
+  config.augment.enabled = enabled
+  return config
+
+
+def _take(iterator, n: int) -> list[dict]:
+  return [next(iterator) for _ in range(n)]
+
+
+def _assert_same(a: list[dict], b: list[dict]) -> None:
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def test_batch_layout_and_volume_labels(records):
+  batch = next(pipeline.make_train_iterator(records, _config(), SEED,
+                                            batch_size_per_process=4))
+  assert batch["image"].shape == batch["mask"].shape == (4, 16, 16, 8, 1)
+  assert batch["image"].dtype == batch["mask"].dtype == np.float32
+  assert batch["volume_ml"].dtype == batch["has_mask"].dtype == np.float32
+  assert batch["severity"].dtype == np.int32
+  voxel_ml = np.prod(SPEC.spacing_mm) / 1000
+  by_volume = {r["wmh_volume_ml"]: r for r in records if not r["has_mask"]}
+  for i in range(4):
+    mask = batch["mask"][i]
+    assert set(np.unique(mask)) <= {0.0, 1.0}
+    if batch["has_mask"][i]:
+      assert batch["volume_ml"][i] == pytest.approx(mask.sum() * voxel_ml, rel=1e-6)
+    else:
+      assert not mask.any()
+      assert by_volume[float(batch["volume_ml"][i])]["severity"] == batch["severity"][i]
+
+
+def test_augmentation_comes_from_seed_record_and_epoch_and_epochs_reshuffle(records):
+  """Each row equals its record augmented with (seed, record, epoch); epochs reorder."""
+  iterator = pipeline.make_train_iterator(records, _config(), SEED, batch_size_per_process=4)
+  batches = _take(iterator, 4)  # 2 epochs of 8 records
+  source = pipeline.CachedScans(records)
+  transform = pipeline.AugmentRecord(SEED, NUM_RECORDS, _config().augment)
+  orders = []
+  for epoch in range(2):
+    rows = [(b, i) for b in batches[2 * epoch:2 * epoch + 2] for i in range(4)]
+    order = []
+    for batch, i in rows:
+      matches = [r for r in range(NUM_RECORDS)
+                 if np.array_equal(transform.map_with_index(epoch * NUM_RECORDS, source[r])["image"],
+                                   batch["image"][i])]
+      assert len(matches) == 1
+      order.append(matches[0])
+    assert sorted(order) == list(range(NUM_RECORDS))
+    orders.append(order)
+  assert orders[0] != orders[1]
+  # The same record in two epochs gets a different draw.
+  first = transform.map_with_index(0, source[0])["image"]
+  assert not np.array_equal(first, transform.map_with_index(NUM_RECORDS, source[0])["image"])
+
+
+def test_two_processes_concatenated_equal_one_process(records):
+  config = _config()
+  single = _take(pipeline.make_train_iterator(records, config, SEED,
+                                              batch_size_per_process=4), 3)
+  halves = [_take(pipeline.make_train_iterator(records, config, SEED, p, 2,
+                                               batch_size_per_process=2), 3)
+            for p in range(2)]
+  joined = [{k: np.concatenate([halves[0][i][k], halves[1][i][k]]) for k in single[0]}
+            for i in range(3)]
+  _assert_same(single, joined)
+
+
+def test_worker_count_does_not_change_batches(records):
+  in_process = _take(pipeline.make_train_iterator(records, _config(0), SEED,
+                                                  batch_size_per_process=4), 3)
+  iterator = pipeline.make_train_iterator(records, _config(2), SEED, batch_size_per_process=4)
+  try:
+    _assert_same(in_process, _take(iterator, 3))
+  finally:
+    iterator.close()
+
+
+@pytest.mark.parametrize("worker_count", [0, 2])
+def test_restored_state_continues_identically(records, worker_count, tmp_path):
+  config = _config(worker_count)
+  first = pipeline.make_train_iterator(records, config, SEED, batch_size_per_process=4)
+  second = pipeline.make_train_iterator(records, config, SEED, batch_size_per_process=4)
+  try:
+    _take(first, 3)
+    state = json.loads(json.dumps(first.get_state()))
+    expected = _take(first, 2)
+    second.set_state(state)
+    _assert_same(expected, _take(second, 2))
+    # The Orbax path: Grain's handler writes the same state as JSON.
+    handler = grain.checkpoint.CheckpointHandler()
+    handler.save(epath.Path(tmp_path), args=grain.checkpoint.CheckpointSave(second))
+    following = _take(second, 1)
+    restored = handler.restore(epath.Path(tmp_path), args=grain.checkpoint.CheckpointRestore(first))
+    _assert_same(following, _take(restored, 1))
+  finally:
+    first.close()
+    second.close()
+
+
+def test_weak_only_records_keep_their_brain_in_view(records):
+  iterator = pipeline.make_train_iterator(records, _config(), SEED, batch_size_per_process=4)
+  by_volume = {r["wmh_volume_ml"]: r for r in records if not r["has_mask"]}
+  ratios = []
+  for batch in _take(iterator, 6):  # 3 epochs
+    for i in np.flatnonzero(batch["has_mask"] == 0):
+      original = pipeline.load_record(by_volume[float(batch["volume_ml"][i])])["image"]
+      ratios.append(batch["image"][i].sum() / original.sum())
+  assert len(ratios) == 12
+  np.testing.assert_allclose(ratios, 1.0, atol=0.05)  # image mass kept: nothing left the view
+
+
+def test_eval_batches_are_padded_and_unaugmented(records):
+  batches = list(pipeline.eval_batches(records[:5], 3))
+  assert len(batches) == 2
+  assert batches[1]["scan_id"] == ["s3", "s4", "s4"]
+  np.testing.assert_array_equal(batches[0]["valid"], [1, 1, 1])
+  np.testing.assert_array_equal(batches[1]["valid"], [1, 1, 0])
+  loaded = pipeline.load_record(records[4])
+  np.testing.assert_array_equal(batches[1]["image"][2], loaded["image"])
+  np.testing.assert_array_equal(batches[1]["mask"][1], loaded["mask"])
+  np.testing.assert_array_equal(batches[1]["volume_ml"],
+                                np.float32([3.0, records[4]["wmh_volume_ml"]] * 1
+                                           + [records[4]["wmh_volume_ml"]]))
+  assert batches[0]["image"].shape == (3, 16, 16, 8, 1)
+  assert batches[0]["severity"].dtype == np.int32
