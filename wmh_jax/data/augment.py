@@ -21,9 +21,15 @@ Because the rotation is about z, every matrix here is block diagonal (an
 in-plane 2D affine plus an affine map of z). :func:`apply_affine` exploits
 that: trilinear interpolation separates into one linear interpolation along z
 and one bilinear gather in-plane whose coordinates (112x128 of them, not
-112x128x32) are computed once and shared by the image and the mask. The result
-equals ``scipy.ndimage.affine_transform(order=1, prefilter=False,
-mode="constant", cval=0)`` with the same matrix, about 5x faster.
+112x128x32) are computed once and shared by the image and the mask. The image
+result equals ``scipy.ndimage.affine_transform(order=1, prefilter=False,
+mode="constant", cval=0)`` with the same matrix (to 2e-7). Measured on one
+core at 112x128x32 (image + mask pairs/s, shared machine): this 87–135, one scipy
+``affine_transform`` per array 16–23, three sequential scipy resamples 6–7.
+
+The mask is resampled to the fraction of each output voxel it covers and the
+``round(total)`` most-covered voxels are kept, so its volume survives the
+transform (median |ΔV|/V = 0 on 3–8 mm blobs; thresholding at 0.5 loses 5%).
 """
 
 from __future__ import annotations
@@ -160,8 +166,7 @@ def apply_affine(image: np.ndarray, mask: np.ndarray | None, matrix: np.ndarray
   ``round(sum of fractions)`` voxels with the largest fractions are kept (ties
   by voxel index). The mask stays binary and keeps its volume to half a voxel
   plus the mass error of linear interpolation (< 0.5% under rotation, 0 for
-  translations and flips). Thresholding at 0.5 instead shrinks convex lesions:
-  a median 5% volume loss on 3–8 mm blobs under the paper's draws.
+  translations and flips), less whatever leaves the field of view.
 
   Args:
     image: float ``(x, y, z)``.

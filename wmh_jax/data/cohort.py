@@ -205,10 +205,11 @@ def _template_path(name: str) -> Path:
 
 
 def _block_mean(a: np.ndarray) -> np.ndarray:
-  """2x2x2 block mean: ``(x, y, z)`` → ``(x//2, y//2, z//2)``."""
-  s = [d // 2 for d in a.shape]
-  a = a[: 2 * s[0], : 2 * s[1], : 2 * s[2]]
-  return a.reshape(s[0], 2, s[1], 2, s[2], 2).mean(axis=(1, 3, 5), dtype=np.float32)
+  """2x2x2 block mean: float32 ``(x, y, z)`` → ``(x//2, y//2, z//2)``."""
+  a = a[: a.shape[0] // 2 * 2, : a.shape[1] // 2 * 2, : a.shape[2] // 2 * 2]
+  a = a[0::2] + a[1::2]
+  a = a[:, 0::2] + a[:, 1::2]
+  return (a[:, :, 0::2] + a[:, :, 1::2]) * np.float32(0.125)
 
 
 def _lateral_ventricles(t1: np.ndarray, csf: np.ndarray, origin_mm: np.ndarray) -> np.ndarray:
@@ -241,21 +242,24 @@ def build_template() -> Template:
   origin_1mm = affine[:3, 3]
   icv1 = t1 > 0.01
   vent1 = _lateral_ventricles(t1, np.clip(icv1 - gm - wm, 0, 1), origin_1mm)
-  icv, par, wmf, vent = (
-      _block_mean(m) >= 0.5 for m in (icv1.astype(np.float32), np.maximum(gm + wm, vent1),
-                                      np.maximum(wm, vent1), vent1.astype(np.float32)))
+  icv, par, wmf, vent = (_block_mean(m.astype(np.float32)) for m in (
+      icv1, np.maximum(gm + wm, vent1), np.maximum(wm, vent1), vent1))
+  idx = np.argwhere(icv >= 0.5)
+  lo, hi = np.maximum(idx.min(0) - 6, 0), idx.max(0) + 7
+  crop = tuple(slice(a, b) for a, b in zip(lo, hi))
   h = TEMPLATE_SPACING_MM
-  sdf = np.stack([_signed_distance(m, h) for m in (icv, par, wmf, vent)])
-  origin = origin_1mm + 0.5
-  idx = np.argwhere(icv)
-  lo, hi = origin + idx.min(0) * h, origin + idx.max(0) * h
-  vy = origin[1] + np.argwhere(vent)[:, 1] * h
+  sdf = np.stack([_signed_distance(m[crop] >= level, h)
+                  for m, level in ((icv, 0.5), (par, 0.5), (wmf, 0.4), (vent, 0.5))])
+  origin = origin_1mm + 0.5 + lo * h
+  idx = np.argwhere(sdf[_ICV] < 0)
+  lo_mm, hi_mm = origin + idx.min(0) * h, origin + idx.max(0) * h
+  vy = origin[1] + np.argwhere(sdf[_VENT] < 0)[:, 1] * h
   wm_vox = np.argwhere((sdf[_WMF] < 0) & (sdf[_VENT] > 0))
   grad = np.stack(np.gradient(sdf[_VENT], h))[:, wm_vox[:, 0], wm_vox[:, 1], wm_vox[:, 2]].T
   grad /= np.maximum(np.linalg.norm(grad, axis=1, keepdims=True), 1e-6)
   return Template(
       sdf=sdf, origin_mm=origin.astype(np.float64), spacing_mm=h,
-      centre_mm=(lo + hi) / 2, half_extent_mm=(hi - lo) / 2 + h / 2,
+      centre_mm=(lo_mm + hi_mm) / 2, half_extent_mm=(hi_mm - lo_mm) / 2 + h / 2,
       vent_y_mm=np.array([vy.min(), vy.max()]),
       wm_pos_mm=(origin + wm_vox * h).astype(np.float32),
       wm_sdf=sdf[:, wm_vox[:, 0], wm_vox[:, 1], wm_vox[:, 2]].T.copy(),
@@ -318,10 +322,11 @@ def _interp_axis(a: np.ndarray, axis: int, pos: np.ndarray) -> np.ndarray:
 
 
 def _resample_separable(a: np.ndarray, positions: Sequence[np.ndarray]) -> np.ndarray:
-  """Separable linear resampling of the last three axes at float indices per axis."""
+  """Separable linear resampling of the last three axes at float indices per axis
+  (shrinking axes first, to keep the intermediate arrays small)."""
   lead = a.ndim - 3
-  for k, pos in enumerate(positions):
-    a = _interp_axis(a, lead + k, pos)
+  for k in sorted(range(3), key=lambda k: len(positions[k]) / a.shape[lead + k]):
+    a = _interp_axis(a, lead + k, positions[k])
   return a
 
 
@@ -392,6 +397,7 @@ class Subject:
 
 
 _ATROPHY_CORRELATION = 0.6   # corr(latent WMH load, latent atrophy)
+_HEAD_SCALE = 0.9            # MNI brains are ~10 % larger (linear) than average
 _WARP_NODES = (6, 7, 6)
 _PV_NOISE_NODES = (14, 17, 14)
 
@@ -511,7 +517,7 @@ def make_subject(domain: Domain, subject: int, seed: int, t: Template) -> Subjec
                           rng.uniform(2.0, 4.5, 3), "other"))
   jitter = {k: float(np.exp(rng.normal(0, 0.04))) for k in ("csf", "gm", "wmh", "other")}
   return Subject(
-      load_ml=load, scale=rng.normal(1.0, 0.035) * np.exp(rng.normal(0, 0.015, 3)),
+      load_ml=load, scale=rng.normal(_HEAD_SCALE, 0.035) * np.exp(rng.normal(0, 0.015, 3)),
       warp_mm=rng.normal(0, 2.0, (3,) + _WARP_NODES).astype(np.float32),
       vent_grow_mm=shift[0], cortex_shrink_mm=shift[1], wm_shrink_mm=shift[2],
       pv_share=pv_share, pv_noise=_smooth_noise(rng, _PV_NOISE_NODES), contrast_jitter=jitter,
@@ -543,22 +549,49 @@ class SyntheticScan:
 
 
 @dataclasses.dataclass(frozen=True)
+class _Grid:
+  """Axis-aligned scanner grid: voxel centres at ``origin_mm + spacing_mm * index``."""
+  spacing_mm: np.ndarray
+  shape: tuple[int, int, int]
+  origin_mm: np.ndarray
+
+  def axes(self) -> list[np.ndarray]:
+    """World coordinates (mm) of the voxel centres along each axis."""
+    return [self.origin_mm[k] + self.spacing_mm[k] * np.arange(self.shape[k]) for k in range(3)]
+
+
+@dataclasses.dataclass(frozen=True)
 class _Pose:
-  """Scanner pose: template point = centre + matrix @ (x_W - shift) + warp(x_W - shift)."""
-  matrix: np.ndarray      # (3, 3): diag(1 / scale) @ rotation
-  rotation: np.ndarray    # (3, 3)
-  shift_mm: np.ndarray    # (3,) head position in the scanner
-  warp_lo_mm: np.ndarray  # (3,) coordinate of the first warp node
+  """Scanner → template: ``centre + matrix @ (x - shift) + warp(x - shift)`` (mm)."""
+  matrix: np.ndarray        # (3, 3) diag(1 / scale) @ rotation
+  rotation: np.ndarray      # (3, 3)
+  shift_mm: np.ndarray      # (3,) head position in the scanner
+  warp_lo_mm: np.ndarray    # (3,) position of the first warp node
   warp_step_mm: np.ndarray  # (3,) warp node spacing
 
 
-def _axes_mm(origin: np.ndarray, spacing: np.ndarray, shape: Sequence[int]) -> list[np.ndarray]:
-  """World coordinates (mm) of the voxel centres along each axis."""
-  return [origin[k] + spacing[k] * np.arange(shape[k]) for k in range(3)]
+def _grids(t: Template, site: Site, resolution_scale: float) -> tuple[_Grid, _Grid]:
+  """Acquisition grid and 2 mm working grid over the same field of view."""
+  fov = 2.0 * (t.half_extent_mm * _HEAD_SCALE * 1.06 + 8.0)
+  spacing = np.asarray(site.spacing_mm, np.float64) * resolution_scale
+  shape = np.ceil(fov / spacing).astype(int)
+  h = np.full(3, TEMPLATE_SPACING_MM * resolution_scale)
+  w_shape = np.ceil(fov / h).astype(int) + 3
+  return (_Grid(spacing, tuple(shape), -(shape - 1) / 2 * spacing),
+          _Grid(h, tuple(w_shape), -(w_shape - 1) / 2 * h))
+
+
+def _make_pose(rng: np.random.Generator, sub: Subject, grid: _Grid) -> _Pose:
+  """Random head rotation (sd 3 deg) and position (sd 3 mm); warp over the FOV."""
+  rotation = _rotation(np.radians(rng.normal(0, 3.0, 3)))
+  lo = grid.origin_mm - grid.spacing_mm / 2
+  return _Pose(matrix=np.diag(1.0 / sub.scale) @ rotation, rotation=rotation,
+               shift_mm=rng.normal(0, 3.0, 3), warp_lo_mm=lo,
+               warp_step_mm=-2 * lo / (np.array(sub.warp_mm.shape[1:]) - 1))
 
 
 def _warp_at(sub: Subject, pose: _Pose, rel_axes: Sequence[np.ndarray]) -> np.ndarray:
-  """Warp (mm) ``(3, nx, ny, nz)`` on the axis-aligned grid ``rel_axes`` (= x_W - shift)."""
+  """Warp (mm) ``(3, nx, ny, nz)`` on the axis-aligned grid ``rel_axes`` (= x - shift)."""
   pos = [(rel_axes[k] - pose.warp_lo_mm[k]) / pose.warp_step_mm[k] for k in range(3)]
   return _resample_separable(sub.warp_mm, pos)
 
@@ -578,17 +611,16 @@ def _template_coords(t: Template, sub: Subject, pose: _Pose,
 def _to_scanner(t: Template, sub: Subject, pose: _Pose, x_t: np.ndarray) -> np.ndarray:
   """Scanner position (mm) of template point ``x_t`` (fixed-point inverse of the warp)."""
   inv = np.linalg.inv(pose.matrix)
-  x_w = pose.shift_mm + inv @ (x_t - t.centre_mm)
+  x = pose.shift_mm + inv @ (x_t - t.centre_mm)
   for _ in range(3):
-    rel = [np.array([x_w[k] - pose.shift_mm[k]]) for k in range(3)]
-    warp = _warp_at(sub, pose, rel)[:, 0, 0, 0]
-    x_w = pose.shift_mm + inv @ (x_t - t.centre_mm - warp)
-  return x_w
+    warp = _warp_at(sub, pose, [np.array([x[k] - pose.shift_mm[k]]) for k in range(3)])
+    x = pose.shift_mm + inv @ (x_t - t.centre_mm - warp[:, 0, 0, 0])
+  return x
 
 
 def _cap_weight(t: Template, y_mm: np.ndarray, z_mm: np.ndarray) -> np.ndarray:
-  """Periventricular lesion preference: caps at the frontal/occipital horns, thin
-  bands along the bodies, none around the temporal horns."""
+  """Periventricular lesion preference at template (y, z): caps at the frontal and
+  occipital horns, thin bands along the bodies, none around the temporal horns."""
   front, back = t.vent_y_mm[1] - 8.0, t.vent_y_mm[0] + 12.0
   caps = (0.45 + 1.1 * np.exp(-((y_mm - front) / 14.0) ** 2)
           + 0.9 * np.exp(-((y_mm - back) / 14.0) ** 2))
@@ -596,8 +628,8 @@ def _cap_weight(t: Template, y_mm: np.ndarray, z_mm: np.ndarray) -> np.ndarray:
 
 
 def _pv_ratio(t: Template, sub: Subject, x_t: np.ndarray, d_vent: np.ndarray) -> np.ndarray:
-  """Periventricular band coordinate (mm-like): distance to the grown ventricles
-  divided by the local band preference; lesion where it is below the band depth."""
+  """Periventricular band coordinate at template points ``x_t`` (3, n): distance to
+  the grown ventricles (mm) over the local band preference; lesion below the depth."""
   lo = t.centre_mm - t.half_extent_mm
   idx = [(x_t[k] - lo[k]) / (2 * t.half_extent_mm[k]) * (sub.pv_noise.shape[k] - 1)
          for k in range(3)]
@@ -607,7 +639,7 @@ def _pv_ratio(t: Template, sub: Subject, x_t: np.ndarray, d_vent: np.ndarray) ->
 
 
 def _pv_depth(t: Template, sub: Subject, volume_ml: float, vent_grow: float) -> float:
-  """Band depth (mm-like) such that the band holds ``volume_ml`` of template WM."""
+  """Band depth such that the band holds ``volume_ml`` of the subject's white matter."""
   d_vent = t.wm_sdf[:, _VENT] - vent_grow
   ok = (d_vent > 0) & (t.wm_sdf[:, _WMF] + sub.wm_shrink_mm < 0)
   ratio = np.sort(_pv_ratio(t, sub, t.wm_pos_mm[ok].T.astype(np.float64), d_vent[ok]))
@@ -615,68 +647,71 @@ def _pv_depth(t: Template, sub: Subject, volume_ml: float, vent_grow: float) -> 
   return 0.0 if k <= 0 else float(ratio[min(k, len(ratio) - 1)])
 
 
-def _sample_working(t: Template, sub: Subject, pose: _Pose, axes: Sequence[np.ndarray],
+def _sample_working(t: Template, sub: Subject, pose: _Pose, grid: _Grid,
                     vent_grow: float, pv_on: bool) -> np.ndarray:
-  """Distance maps ``(5, nx, ny, nz)`` on the working grid: icv, par, wmf, vent and
-  the periventricular band coordinate (far away: +1e3)."""
-  x_t = _template_coords(t, sub, pose, axes)
+  """Distance maps ``(5, nx, ny, nz)`` on the working grid: icv, par, wmf, vent (mm)
+  and the periventricular band coordinate; +1e3 where not needed (far away)."""
+  x_t = _template_coords(t, sub, pose, grid.axes())
   idx = (x_t - t.origin_mm[:, None, None, None]) / t.spacing_mm
-  shape = x_t.shape[1:]
-  out = np.full((5,) + shape, 1e3, np.float32)
+  out = np.full((5,) + grid.shape, 1e3, np.float32)
   out[_ICV] = ndi.map_coordinates(t.sdf[_ICV], idx, order=1, mode="nearest")
   inside = out[_ICV] < 3.0
-  sub_idx = idx[:, inside]
+  inside_idx = idx[:, inside]
   for c in (_PAR, _WMF, _VENT):
-    out[c][inside] = ndi.map_coordinates(t.sdf[c], sub_idx, order=1, mode="nearest")
+    out[c][inside] = ndi.map_coordinates(t.sdf[c], inside_idx, order=1, mode="nearest")
   if pv_on:
     near = inside & (out[_VENT] - vent_grow < 30.0)
     out[4][near] = _pv_ratio(t, sub, x_t[:, near], out[_VENT][near] - vent_grow)
   return out
 
 
-def _render_lesions(u: np.ndarray, lesions: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+def _brain_box(icv_sdf: np.ndarray, work: _Grid, grid: _Grid) -> tuple[slice, ...]:
+  """Output-grid slices covering every working voxel within 3 mm of the brain."""
+  near = icv_sdf < 3.0
+  box = []
+  for k in range(3):
+    other = tuple(j for j in range(3) if j != k)
+    hits = np.flatnonzero(near.any(axis=other))
+    lo_mm = work.origin_mm[k] + (hits[0] - 1) * work.spacing_mm[k]
+    hi_mm = work.origin_mm[k] + (hits[-1] + 1) * work.spacing_mm[k]
+    i0 = max(int(np.floor((lo_mm - grid.origin_mm[k]) / grid.spacing_mm[k])), 0)
+    i1 = min(int(np.ceil((hi_mm - grid.origin_mm[k]) / grid.spacing_mm[k])) + 1, grid.shape[k])
+    box.append(slice(i0, i1))
+  return tuple(box)
+
+
+def _render_lesions(u: np.ndarray, blobs: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
                     axes: Sequence[np.ndarray], width_mm: float) -> None:
-  """Writes max(u, inside depth in mm) of scanner-space ellipsoids (centre, axes rows,
-  radii) into ``u`` (output grid with coordinates ``axes``)."""
-  for centre, rows, radii in lesions:
+  """In place: ``u = max(u, depth inside ellipsoid, mm)`` for scanner-space ellipsoids
+  (centre (3,), axes rows (3, 3), radii (3,)) on the grid with coordinates ``axes``."""
+  for centre, rows, radii in blobs:
     reach = radii.max() + width_mm
-    sl, local = [], []
-    for k in range(3):
-      i0 = int(np.searchsorted(axes[k], centre[k] - reach))
-      i1 = int(np.searchsorted(axes[k], centre[k] + reach))
-      sl.append(slice(i0, i1))
-      local.append(axes[k][i0:i1] - centre[k])
-    if any(s.stop <= s.start for s in sl):
+    box = [slice(int(np.searchsorted(axes[k], centre[k] - reach)),
+                 int(np.searchsorted(axes[k], centre[k] + reach))) for k in range(3)]
+    if any(b.stop <= b.start for b in box):
       continue
-    d = (local[0][:, None, None], local[1][None, :, None], local[2][None, None, :])
+    d = [(axes[k][box[k]] - centre[k]).reshape([-1 if j == k else 1 for j in range(3)])
+         for k in range(3)]
     q2 = sum(((rows[j, 0] * d[0] + rows[j, 1] * d[1] + rows[j, 2] * d[2]) / radii[j]) ** 2
              for j in range(3))
     depth = ((1.0 - np.sqrt(q2)) * radii.min()).astype(np.float32)
-    np.maximum(u[tuple(sl)], depth, out=u[tuple(sl)])
+    np.maximum(u[tuple(box)], depth, out=u[tuple(box)])
 
 
-def _grids(t: Template, site: Site, resolution_scale: float):
-  """(output spacing, shape, origin) and (working spacing, shape, origin), scanner mm."""
-  fov = 2.0 * (t.half_extent_mm * 1.12 + 6.0)
-  spacing = np.asarray(site.spacing_mm, np.float64) * resolution_scale
-  shape = np.ceil(fov / spacing).astype(int)
-  h = TEMPLATE_SPACING_MM * resolution_scale
-  w_shape = np.ceil(fov / h).astype(int) + 3
-  return ((spacing, shape, -(shape - 1) / 2 * spacing),
-          (np.full(3, h), w_shape, -(w_shape - 1) / 2 * h))
-
-
-def _bias_field(rng: np.random.Generator, amplitude: float,
-                axes: Sequence[np.ndarray]) -> np.ndarray:
-  """Smooth multiplicative field exp(quadratic polynomial), float32 ``(nx, ny, nz)``."""
-  x, y, z = (a / np.abs(a).max() for a in axes)
-  c = rng.normal(0, amplitude, 9) * np.array([1, 1, 1, .5, .5, .5, .5, .5, .5])
-  bxy = c[0] * x[:, None] + c[1] * y[None, :] + c[3] * x[:, None] ** 2 + c[4] * y[None, :] ** 2 \
-      + c[6] * x[:, None] * y[None, :]
-  bz = c[2] * z + c[5] * z ** 2
-  log = bxy[:, :, None] + bz[None, None, :] + (c[7] * x[:, None, None] + c[8] * y[None, :, None]) \
-      * z[None, None, :]
-  return np.exp(log).astype(np.float32)
+def _lesion_fields(t: Template, sub: Subject, pose: _Pose, tau: float | None,
+                   axes: Sequence[np.ndarray], u_pv: np.ndarray,
+                   width_mm: float) -> tuple[np.ndarray, np.ndarray]:
+  """(WMH, other pathology) depth fields (mm, > 0 inside) on the grid ``axes``."""
+  u_les = u_pv
+  u_oth = np.full(u_pv.shape, -1e3, np.float32)
+  for les in sub.lesions:
+    if tau is not None and tau < les.onset:
+      continue
+    grow = 1.0 if tau is None else min(1.0, 0.55 + 0.45 * (tau - les.onset) / 0.6)
+    blob = (_to_scanner(t, sub, pose, les.centre_mm), les.axes @ pose.rotation,
+            les.radii_mm * grow)
+    _render_lesions(u_oth if les.kind == "other" else u_les, [blob], axes, width_mm)
+  return u_les, u_oth
 
 
 def _tissue_fractions(ch: np.ndarray, sub: Subject, vent_grow: float, u_les: np.ndarray,
@@ -695,10 +730,36 @@ def _tissue_fractions(ch: np.ndarray, sub: Subject, vent_grow: float, u_les: np.
                    oth * (wm + gm)])
 
 
-def _flair(frac: np.ndarray, contrast: Mapping[str, float], texture: np.ndarray) -> np.ndarray:
-  """Noise-free FLAIR-like signal (white matter = 1), float32 ``(x, y, z)``."""
-  return ((frac[CSF] + frac[VENTRICLE]) * contrast["csf"] + frac[GM] * contrast["gm"]
-          + frac[WM] + frac[WMH] * contrast["wmh"] * texture + frac[OTHER] * contrast["other"])
+def _bias_field(rng: np.random.Generator, amplitude: float, axes: Sequence[np.ndarray],
+                half_fov_mm: np.ndarray) -> np.ndarray:
+  """Smooth multiplicative field exp(quadratic polynomial), float32 ``(nx, ny, nz)``."""
+  x, y, z = (axes[k] / half_fov_mm[k] for k in range(3))
+  c = rng.normal(0, amplitude, 9) * np.array([1, 1, 1, .5, .5, .5, .5, .5, .5])
+  xy = (c[0] * x[:, None] + c[1] * y[None, :] + c[3] * x[:, None] ** 2
+        + c[4] * y[None, :] ** 2 + c[6] * x[:, None] * y[None, :])
+  log = (xy[:, :, None] + (c[2] * z + c[5] * z ** 2)[None, None, :]
+         + (c[7] * x[:, None, None] + c[8] * y[None, :, None]) * z[None, None, :])
+  return np.exp(log).astype(np.float32)
+
+
+def _flair(rng: np.random.Generator, frac: np.ndarray, contrast: Mapping[str, float],
+           site: Site, axes: Sequence[np.ndarray], half_fov_mm: np.ndarray) -> np.ndarray:
+  """FLAIR-like image (scanner units, rounded) from tissue fractions: tissue contrast,
+  lesion texture, bias field, gain and Rician noise; 0 outside the head."""
+  pos = [(axes[k] / half_fov_mm[k] + 1) * 5.5 for k in range(3)]
+  texture = 1.0 + 0.06 * _resample_separable(_smooth_noise(rng, (12, 12, 12)), pos)
+  gain = site.gain * math.exp(rng.normal(0, 0.08))
+  signal = ((frac[CSF] + frac[VENTRICLE]) * contrast["csf"] + frac[GM] * contrast["gm"]
+            + frac[WM] + frac[WMH] * contrast["wmh"] * texture
+            + frac[OTHER] * contrast["other"])
+  signal *= _bias_field(rng, site.bias, axes, half_fov_mm) * gain
+  brain = frac[BACKGROUND] < 1.0
+  clean = signal[brain]
+  sigma = site.noise * gain
+  image = np.zeros(signal.shape, np.float32)
+  image[brain] = np.rint(np.hypot(clean + sigma * rng.standard_normal(clean.size, np.float32),
+                                  sigma * rng.standard_normal(clean.size, np.float32)))
+  return image
 
 
 def _annotate(tissue: np.ndarray, dilate: bool) -> np.ndarray:
@@ -722,58 +783,36 @@ def generate_scan(domain: Domain, index: int, seed: int, resolution_scale: float
     index: scan number in the domain, 0-based.
     seed: cohort seed.
     resolution_scale: multiplies every voxel size (2.0: 8x fewer voxels; tests).
-    template: the 2 mm template (default: built/cached in memory).
+    template: the 2 mm template (default: built once per process).
   """
   t = template or load_template()
   subject, time_point, n_points = _subject_layout(domain)[index]
   site = domain.sites[(subject if domain.longitudinal else index) % len(domain.sites)]
   sub = make_subject(domain, subject, seed, t)
-  rng = _rng(seed, domain.name, 1, index)
   tau = time_point / max(n_points - 1, 1) if domain.longitudinal else None
   vent_grow = sub.vent_grow_mm + (0.5 * tau if tau is not None else 0.0)
-  rotation = _rotation(np.radians(rng.normal(0, 3.0, 3)))
-  (spacing, shape, origin), (h, w_shape, w_origin) = _grids(t, site, resolution_scale)
-  fov_lo = origin - spacing / 2
-  pose = _Pose(matrix=np.diag(1.0 / sub.scale) @ rotation, rotation=rotation,
-               shift_mm=rng.normal(0, 3.0, 3), warp_lo_mm=fov_lo,
-               warp_step_mm=-2 * fov_lo / (np.array(_WARP_NODES) - 1))
-  pv_ml = sub.load_ml * sub.pv_share * (0.6 + 0.4 * tau if tau is not None else 1.0)
+  pv_ml = sub.load_ml * sub.pv_share * (1.0 if tau is None else 0.6 + 0.4 * tau)
   pv_depth = _pv_depth(t, sub, pv_ml, vent_grow)
-  w_axes = _axes_mm(w_origin, h, w_shape)
-  work = _sample_working(t, sub, pose, w_axes, vent_grow, pv_depth > 0)
-  axes = _axes_mm(origin, spacing, shape)
-  ch = _resample_separable(work, [(axes[k] - w_origin[k]) / h[k] for k in range(3)])
-  width = float(np.prod(spacing) ** (1 / 3))
-  u_les = pv_depth - ch[4]
-  u_oth = np.full(u_les.shape, -1e3, np.float32)
-  for kind_is_other, u in ((False, u_les), (True, u_oth)):
-    blobs = []
-    for les in sub.lesions:
-      if (les.kind == "other") != kind_is_other or (tau is not None and tau < les.onset):
-        continue
-      grow = 1.0 if tau is None else min(1.0, 0.55 + 0.45 * (tau - les.onset) / 0.6)
-      blobs.append((_to_scanner(t, sub, pose, les.centre_mm), les.axes @ pose.rotation,
-                    les.radii_mm * grow))
-    _render_lesions(u, blobs, axes, width)
+  grid, work_grid = _grids(t, site, resolution_scale)
+  rng = _rng(seed, domain.name, 1, index)
+  pose = _make_pose(rng, sub, grid)
+  work = _sample_working(t, sub, pose, work_grid, vent_grow, pv_depth > 0)
+  box = _brain_box(work[_ICV], work_grid, grid)
+  axes = [a[b] for a, b in zip(grid.axes(), box)]
+  ch = _resample_separable(work, [(axes[k] - work_grid.origin_mm[k]) / work_grid.spacing_mm[k]
+                                  for k in range(3)])
+  width = float(np.prod(grid.spacing_mm) ** (1 / 3))
+  u_les, u_oth = _lesion_fields(t, sub, pose, tau, axes, pv_depth - ch[4], width)
   frac = _tissue_fractions(ch, sub, vent_grow, u_les, u_oth, width)
-  tissue = np.argmax(frac, axis=0).astype(np.uint8)
   field = min(_CONTRAST, key=lambda f: abs(f - site.field_strength_t))
   contrast = {k: v * sub.contrast_jitter.get(k, 1.0) for k, v in _CONTRAST[field].items()}
-  texture = 1.0 + 0.06 * _resample_separable(
-      _smooth_noise(rng, (12, 14, 12)), [np.linspace(0, 11, shape[0]),
-                                         np.linspace(0, 13, shape[1]),
-                                         np.linspace(0, 11, shape[2])])
-  gain = site.gain * math.exp(rng.normal(0, 0.08))
-  signal = _flair(frac, contrast, texture) * _bias_field(rng, site.bias, axes) * gain
-  image = np.zeros(shape, np.float32)
-  brain = frac[BACKGROUND] < 1.0
-  clean = signal[brain]
-  sigma = site.noise * gain
-  noisy = np.hypot(clean + sigma * rng.standard_normal(clean.size, np.float32),
-                   sigma * rng.standard_normal(clean.size, np.float32))
-  image[brain] = np.rint(noisy)
+  half_fov = np.asarray(grid.shape) * grid.spacing_mm / 2
+  image = np.zeros(grid.shape, np.float32)
+  image[box] = _flair(rng, frac, contrast, site, axes, half_fov)
+  tissue = np.zeros(grid.shape, np.uint8)
+  tissue[box] = np.argmax(frac, axis=0)
   affine = np.eye(4)
-  affine[:3, :3] = np.diag(spacing)
-  affine[:3, 3] = origin
+  affine[:3, :3] = np.diag(grid.spacing_mm)
+  affine[:3, 3] = grid.origin_mm
   return SyntheticScan(image=image, labels=_annotate(tissue, domain.dilate_mask), tissue=tissue,
-                       affine=affine, spacing_mm=spacing, site=site)
+                       affine=affine, spacing_mm=grid.spacing_mm, site=site)
