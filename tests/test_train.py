@@ -49,7 +49,7 @@ def test_loss_decreases(dataset, kind):
   manifest, cache = dataset
   config = tiny_data.tiny_config(manifest, cache, kind=kind)
   config.train.optimizer = "adam"  # Adadelta's first steps are too small to see in 15 steps
-  config.train.learning_rate = 3e-3
+  config.train.learning_rate = 1e-2
   recs = records.split_records(records.load_records(manifest, config))["train"]
   for i, r in enumerate(recs):
     r["severity"] = i % 5
@@ -67,7 +67,7 @@ def test_loss_decreases(dataset, kind):
   for _ in range(15):
     state, metrics = step(state, sharding.global_batch(batch, mesh))
     losses.append(float(metrics["loss"]))
-  assert losses[-1] < 0.8 * losses[0], losses
+  assert losses[-1] < 0.9 * losses[0], losses
 
 
 def test_adadelta_paper_values_decrease_loss(dataset):
@@ -84,11 +84,11 @@ def test_adadelta_paper_values_decrease_loss(dataset):
   optimizer = train.make_optimizer(config.train)
   state = sharding.replicate(train.init_state(model, optimizer, 0, config.data.shape), mesh)
   step = train.make_train_step(model, config, optimizer, mesh)
-  losses = [float(step(state, sharding.global_batch(batch, mesh))[1]["loss"])]
+  losses = []
   for _ in range(30):
     state, metrics = step(state, sharding.global_batch(batch, mesh))
     losses.append(float(metrics["loss"]))
-  assert losses[-1] < losses[1]
+  assert losses[-1] < losses[0], losses
 
 
 def test_resume_matches_uninterrupted(dataset, tmp_path):

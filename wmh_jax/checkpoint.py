@@ -137,14 +137,16 @@ def restore_for_inference(workdir: str | Path, which: str = "best") -> RestoredR
   if not directory.is_dir():
     raise CheckpointError(workdir, "no checkpoints/ folder: is this a training workdir?")
   options = ocp.CheckpointManagerOptions(best_fn=_score, best_mode="max", read_only=True)
-  with ocp.CheckpointManager(directory, options=options) as manager:
+  handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
+  with ocp.CheckpointManager(directory, options=options, item_handlers=handlers) as manager:
     preferred = manager.best_step() if which == "best" else manager.latest_step()
     steps = [preferred] + sorted((s for s in manager.all_steps() if s != preferred),
                                  reverse=True)
     for step in (s for s in steps if s is not None):
       try:
         restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(_host_target(manager, step)),
+            config=ocp.args.JsonRestore()))
       except Exception as err:  # pylint: disable=broad-except
         logging.warning("checkpoint step %d in %s is corrupt (%s); trying an earlier one",
                         step, workdir, err)
@@ -153,6 +155,13 @@ def restore_for_inference(workdir: str | Path, which: str = "best") -> RestoredR
       return RestoredRun(Path(workdir), step, ml_collections.ConfigDict(restored["config"]),
                          params)
   raise CheckpointError(workdir, "no readable checkpoint")
+
+
+def _host_target(manager: ocp.CheckpointManager, step: int) -> Any:
+  """Abstract state on this process's first device, whatever topology saved it."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                      manager.item_metadata(step)["state"])
 
 
 def run_dirs(path: str | Path) -> list[Path]:

@@ -58,6 +58,7 @@ def physical_outputs(outputs: dict[str, np.ndarray], *, volume_scale_ml: float,
     result["seg_prob"] = prob
   if "volume" in outputs:
     result["volume_ml"] = outputs["volume"] * volume_scale_ml
+  if "attention" in outputs:  # absent when run_batches(keep_maps=False) dropped it
     result["attention"] = outputs["attention"]
   if "severity_logits" in outputs:
     result["severity"] = outputs["severity_logits"].argmax(axis=-1)

@@ -71,7 +71,11 @@ def make_train_step(model, config: ml_collections.ConfigDict,
       outputs = model.apply({"params": params}, batch["image"])
       return losses.loss_fn(kind, outputs, batch, config)
 
-    (_, step_metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+    # Differentiate w.r.t. a per-device ("varying") copy of the replicated
+    # params: otherwise shard_map's transpose already psums the gradient and
+    # the pmean below would average a sum (pmap semantics need the mean).
+    local_params = lax.pcast(state["params"], sharding.DATA_AXIS, to="varying")
+    (_, step_metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(local_params)
     grads = lax.pmean(grads, sharding.DATA_AXIS)
     step_metrics = lax.pmean(step_metrics, sharding.DATA_AXIS)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])

@@ -12,9 +12,11 @@ Every scan is a FLAIR-like NIfTI file plus a uint8 label NIfTI (0 background,
 through exactly the same loading/preprocessing code as real data.
 
 Anatomy comes from the MNI ICBM152 2009a template (T1, GM and WM maps) shipped
-inside the nilearn wheel. It is reduced once to 2 mm signed distance maps (mm,
-negative inside) of the intracranial volume, the parenchyma, the white matter
-(with the ventricles) and the lateral ventricles. A scan is made by
+inside the nilearn wheel. It is reduced once (about 1 s, cached next to the
+cohort) to 2 mm signed distance maps (mm, negative inside) of the intracranial
+volume, the parenchyma, the white matter (with the ventricles) and the lateral
+ventricles (the two dark CSF components near the centre), plus the CSF
+probability in sulci and cisterns. A scan is made by
 
 1. mapping a 2 mm "working" grid in scanner space to the template through a
    pose (rotation, translation), a head-size scaling and a smooth random
@@ -29,9 +31,15 @@ negative inside) of the intracranial volume, the parenchyma, the white matter
 5. mixing FLAIR-like tissue intensities, a smooth bias field, a global gain
    and Rician noise.
 
-The mask is the voxels whose largest tissue fraction is lesion; confounder
-volumes (ventricles, normal-appearing white matter, all CSF including the
-ventricles) are counted from the same tissue label map.
+The mask is the voxels whose largest tissue fraction is lesion, so the
+manifest's ``wmh_volume_ml`` equals ``nifti.volume_ml`` of the written mask;
+the confounder volumes (``ventricle_ml``: lateral ventricles,
+``white_matter_ml``: normal-appearing white matter, ``csf_ml``: all CSF
+including the ventricles) are counted from the same tissue label map. Severity
+is the volume quintile (0-4) within the domain; ``local`` gets a seeded
+60/20/20 split by subject, the external domains ``split=test``. Generation
+parameters and ``CODE_VERSION`` are stored per domain (``generation.json``),
+and a domain is regenerated only when they change.
 
 Command line::
 
@@ -61,7 +69,7 @@ import scipy.ndimage as ndi
 
 from wmh_jax.data import manifest, nifti
 
-CODE_VERSION = 1
+CODE_VERSION = 4  # bump whenever generated files change
 TEMPLATE_SPACING_MM = 2.0
 MANIFEST_NAME = "manifest.csv"
 PARAMS_NAME = "generation.json"
@@ -71,13 +79,15 @@ PARAMS_NAME = "generation.json"
 BACKGROUND, CSF, VENTRICLE, GM, WM, WMH, OTHER = range(7)
 TISSUE_NAMES = ("background", "csf", "ventricle", "gm", "wm", "wmh", "other")
 
-# Distance-map channels of the template.
-_ICV, _PAR, _WMF, _VENT = range(4)
+# Template channels: signed distances (mm) to the intracranial volume, parenchyma,
+# white matter (+ventricles), lateral ventricles; sulcal CSF probability. The
+# working grid adds the periventricular band depth (mm).
+_ICV, _PAR, _WMF, _VENT, _SULC, _PV = range(6)
 
 # FLAIR-like intensities relative to normal white matter, by field strength (T).
 _CONTRAST = {
-    1.5: {"csf": 0.24, "gm": 1.28, "wm": 1.0, "wmh": 1.80, "other": 0.45},
-    3.0: {"csf": 0.16, "gm": 1.36, "wm": 1.0, "wmh": 1.95, "other": 0.40},
+    1.5: {"csf": 0.24, "gm": 1.20, "wm": 1.0, "wmh": 1.75, "other": 0.45},
+    3.0: {"csf": 0.16, "gm": 1.26, "wm": 1.0, "wmh": 1.90, "other": 0.40},
 }
 
 
@@ -97,6 +107,7 @@ class Site:
     noise: Rician noise sigma relative to white matter.
     bias: bias-field amplitude (standard deviation of the log field).
     orientation: "RAS" or "LAS" (x axis stored right-to-left).
+    dtype: stored image type, "float32" or "uint8" (clipped to 0-255).
   """
   name: str
   field_strength_t: float
@@ -105,6 +116,7 @@ class Site:
   noise: float
   bias: float
   orientation: str = "RAS"
+  dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,8 +149,8 @@ class Domain:
 DOMAINS: dict[str, Domain] = {
     "local": Domain(
         "local", 240, "vascular",
-        (Site("rss-ge-1.5t", 1.5, (1.0, 1.0, 3.0), 420.0, 0.045, 0.08),),
-        load_median_ml=3.0, load_sigma=1.0),
+        (Site("rss-ge-1.5t", 1.5, (1.0, 1.0, 3.0), 90.0, 0.045, 0.08, dtype="uint8"),),
+        load_median_ml=4.0, load_sigma=1.0),
     "wmhseg": Domain(
         "wmhseg", 60, "vascular",
         (Site("utrecht-philips-3t", 3.0, (0.96, 0.95, 3.0), 160.0, 0.035, 0.18, "LAS"),
@@ -171,27 +183,28 @@ class Template:
   """The MNI ICBM152 2009a anatomy at 2 mm.
 
   Attributes:
-    sdf: float32 ``(4, x, y, z)`` signed distances (mm, negative inside) to the
+    maps: float32 ``(5, x, y, z)``: signed distances (mm, negative inside) to the
       intracranial volume, parenchyma (GM+WM+ventricles), white matter
-      (+ventricles) and lateral ventricles.
+      (+ventricles) and lateral ventricles, then the CSF probability outside
+      the lateral ventricles (sulci, cisterns; 0-1).
     origin_mm: world (x, y, z) in mm of voxel (0, 0, 0).
     spacing_mm: voxel size (mm, isotropic).
     centre_mm: world centre of the intracranial volume's bounding box.
     half_extent_mm: half size of that bounding box (x, y, z) in mm.
-    vent_y_mm: (min, max) world y of the lateral ventricles (mm).
+    vent_box_mm: ``(2, 3)`` world bounding box (min, max) of the lateral ventricles.
     wm_pos_mm: float32 ``(n, 3)`` world position of white-matter voxels.
-    wm_sdf: float32 ``(n, 4)`` distance maps at those voxels.
+    wm_maps: float32 ``(n, 5)`` the maps at those voxels.
     wm_vent_dir: float32 ``(n, 3)`` unit gradient of the ventricle distance
       (points away from the ventricles).
   """
-  sdf: np.ndarray
+  maps: np.ndarray
   origin_mm: np.ndarray
   spacing_mm: float
   centre_mm: np.ndarray
   half_extent_mm: np.ndarray
-  vent_y_mm: np.ndarray
+  vent_box_mm: np.ndarray
   wm_pos_mm: np.ndarray
-  wm_sdf: np.ndarray
+  wm_maps: np.ndarray
   wm_vent_dir: np.ndarray
 
 
@@ -241,48 +254,56 @@ def build_template() -> Template:
   t1, gm, wm = (np.asarray(imgs[k].dataobj, np.float32) / 255.0 for k in ("t1", "gm", "wm"))
   origin_1mm = affine[:3, 3]
   icv1 = t1 > 0.01
-  vent1 = _lateral_ventricles(t1, np.clip(icv1 - gm - wm, 0, 1), origin_1mm)
-  icv, par, wmf, vent = (_block_mean(m.astype(np.float32)) for m in (
-      icv1, np.maximum(gm + wm, vent1), np.maximum(wm, vent1), vent1))
+  csf1 = np.clip(icv1 - gm - wm, 0, 1)
+  vent1 = _lateral_ventricles(t1, csf1, origin_1mm)
+  sulcal1 = csf1 * ~ndi.binary_dilation(vent1, iterations=2)
+  icv, par, wmf, vent, sulcal = (_block_mean(m.astype(np.float32)) for m in (
+      icv1, np.maximum(gm + wm, vent1), np.maximum(wm, vent1), vent1, sulcal1))
   idx = np.argwhere(icv >= 0.5)
   lo, hi = np.maximum(idx.min(0) - 6, 0), idx.max(0) + 7
   crop = tuple(slice(a, b) for a, b in zip(lo, hi))
   h = TEMPLATE_SPACING_MM
-  sdf = np.stack([_signed_distance(m[crop] >= level, h)
-                  for m, level in ((icv, 0.5), (par, 0.5), (wmf, 0.4), (vent, 0.5))])
+  maps = np.stack([_signed_distance(m[crop] >= level, h)
+                   for m, level in ((icv, 0.5), (par, 0.5), (wmf, 0.4), (vent, 0.5))]
+                  + [sulcal[crop]])
   origin = origin_1mm + 0.5 + lo * h
-  idx = np.argwhere(sdf[_ICV] < 0)
+  idx = np.argwhere(maps[_ICV] < 0)
   lo_mm, hi_mm = origin + idx.min(0) * h, origin + idx.max(0) * h
-  vy = origin[1] + np.argwhere(sdf[_VENT] < 0)[:, 1] * h
-  wm_vox = np.argwhere((sdf[_WMF] < 0) & (sdf[_VENT] > 0))
-  grad = np.stack(np.gradient(sdf[_VENT], h))[:, wm_vox[:, 0], wm_vox[:, 1], wm_vox[:, 2]].T
+  vent_mm = origin + np.argwhere(maps[_VENT] < 0) * h
+  wm_vox = np.argwhere((maps[_WMF] < 0) & (maps[_VENT] > 0))
+  grad = np.stack(np.gradient(maps[_VENT], h))[:, wm_vox[:, 0], wm_vox[:, 1], wm_vox[:, 2]].T
   grad /= np.maximum(np.linalg.norm(grad, axis=1, keepdims=True), 1e-6)
   return Template(
-      sdf=sdf, origin_mm=origin.astype(np.float64), spacing_mm=h,
+      maps=maps, origin_mm=origin.astype(np.float64), spacing_mm=h,
       centre_mm=(lo_mm + hi_mm) / 2, half_extent_mm=(hi_mm - lo_mm) / 2 + h / 2,
-      vent_y_mm=np.array([vy.min(), vy.max()]),
+      vent_box_mm=np.stack([vent_mm.min(0), vent_mm.max(0)]),
       wm_pos_mm=(origin + wm_vox * h).astype(np.float32),
-      wm_sdf=sdf[:, wm_vox[:, 0], wm_vox[:, 1], wm_vox[:, 2]].T.copy(),
+      wm_maps=maps[:, wm_vox[:, 0], wm_vox[:, 1], wm_vox[:, 2]].T.copy(),
       wm_vent_dir=grad.astype(np.float32))
 
 
-_TEMPLATE: dict[str, Template] = {}
+_TEMPLATE: dict[str, Template] = {}  # this process's template (built or loaded once)
 
 
 def load_template(cache_path: str | os.PathLike | None = None) -> Template:
-  """The 2 mm template: from memory, from ``cache_path`` (.npz), or built (and cached)."""
-  key = str(cache_path)
-  if key in _TEMPLATE:
-    return _TEMPLATE[key]
-  if cache_path is not None and Path(cache_path).is_file():
-    with np.load(cache_path) as z:
-      template = Template(**{f.name: z[f.name] for f in dataclasses.fields(Template)
-                             if f.name != "spacing_mm"}, spacing_mm=float(z["spacing_mm"]))
-  else:
-    template = build_template()
-    if cache_path is not None:
-      _atomic_write(Path(cache_path), lambda f: np.savez(f, **dataclasses.asdict(template)))
-  _TEMPLATE[key] = template
+  """The 2 mm template: from memory, else from ``cache_path`` (.npz), else built.
+
+  When ``cache_path`` is given and missing it is written, so that worker
+  processes can load it instead of rebuilding.
+  """
+  path = None if cache_path is None else Path(cache_path)
+  if "template" not in _TEMPLATE and path is not None and path.is_file():
+    try:
+      with np.load(path) as z:
+        fields = {f.name: z[f.name] for f in dataclasses.fields(Template)}
+      _TEMPLATE["template"] = Template(**{**fields, "spacing_mm": float(fields["spacing_mm"])})
+    except (OSError, ValueError, KeyError):
+      path.unlink()  # unreadable or from another version: rebuilt below
+  if "template" not in _TEMPLATE:
+    _TEMPLATE["template"] = build_template()
+  template = _TEMPLATE["template"]
+  if path is not None and not path.is_file():
+    _atomic_write(path, lambda f: np.savez(f, **dataclasses.asdict(template)))
   return template
 
 
@@ -291,12 +312,13 @@ def load_template(cache_path: str | os.PathLike | None = None) -> Template:
 
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-  """Calls ``write(file)`` on a temp file next to ``path``, then renames it."""
+  """Calls ``write(file)`` on a temp file next to ``path``, then renames it (mode 644)."""
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:
     with os.fdopen(fd, "wb") as f:
       write(f)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
   except BaseException:
     os.unlink(tmp)
@@ -350,7 +372,7 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarra
 # Subject and scan parameters
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Lesion:
   """An ellipsoidal lesion defined in template space.
 
@@ -368,7 +390,7 @@ class Lesion:
   onset: float = -1.0
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Subject:
   """Per-subject anatomy and pathology (shared by a longitudinal subject's scans).
 
@@ -396,10 +418,14 @@ class Subject:
   lesions: tuple[Lesion, ...]
 
 
-_ATROPHY_CORRELATION = 0.6   # corr(latent WMH load, latent atrophy)
-_HEAD_SCALE = 0.9            # MNI brains are ~10 % larger (linear) than average
-_WARP_NODES = (6, 7, 6)
-_PV_NOISE_NODES = (14, 17, 14)
+# Correlation of the latent WMH load with the latent atrophy; with the boundary
+# shifts in make_subject it gives Pearson r of WMH volume with ventricle, WM and
+# CSF volume of about 0.44, -0.49 and 0.42 (700 local subjects; paper §3: 0.41,
+# 0.47, 0.45).
+_ATROPHY_CORRELATION = 0.70
+_HEAD_SCALE = 0.9               # MNI brains are ~10 % larger (linear) than average
+_WARP_NODES = (6, 7, 6)         # coarse grid of the smooth random warp (sd 2 mm)
+_PV_NOISE_NODES = (14, 17, 14)  # coarse grid modulating the periventricular band
 
 
 def _rng(seed: int, domain: str, kind: int, index: int) -> np.random.Generator:
@@ -417,13 +443,17 @@ def _subject_layout(domain: Domain) -> list[tuple[int, int, int]]:
           for t in range(base + (s < extra))]
 
 
-def _pick(rng: np.random.Generator, candidates: np.ndarray, weights: np.ndarray | None = None) -> int:
-  """A random index among the True entries of ``candidates`` (optionally weighted)."""
+def _sampler(candidates: np.ndarray,
+             weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(indices, cumulative weights) to draw among the True entries of ``candidates``."""
   idx = np.flatnonzero(candidates)
-  if weights is None:
-    return int(idx[rng.integers(len(idx))])
-  p = weights[idx] / weights[idx].sum()
-  return int(idx[rng.choice(len(idx), p=p)])
+  return idx, np.cumsum(np.ones(len(idx)) if weights is None else weights[idx])
+
+
+def _pick(rng: np.random.Generator, sampler: tuple[np.ndarray, np.ndarray]) -> int:
+  """One weighted random draw from a :func:`_sampler`."""
+  idx, cum = sampler
+  return int(idx[min(np.searchsorted(cum, rng.uniform(0, cum[-1]), side="right"), len(idx) - 1)])
 
 
 def _random_axes(rng: np.random.Generator, first: np.ndarray | None = None) -> np.ndarray:
@@ -436,13 +466,15 @@ def _random_axes(rng: np.random.Generator, first: np.ndarray | None = None) -> n
   return q
 
 
-def _wm_candidates(t: Template, sub_shift: tuple[float, float, float]) -> dict[str, np.ndarray]:
-  """Template white-matter voxels eligible for each lesion kind, after atrophy."""
-  vent_grow, _, wm_shrink = sub_shift
-  d_vent = t.wm_sdf[:, _VENT] - vent_grow
-  depth = -(t.wm_sdf[:, _WMF] + wm_shrink)
+def _wm_candidates(t: Template, shift_mm: tuple[float, float, float]) -> dict[str, np.ndarray]:
+  """Bool masks over ``t.wm_pos_mm`` of the voxels eligible for each lesion kind after
+  the atrophy ``shift_mm`` (ventricle growth, cortex and WM shrinkage), plus
+  ``d_vent``: their distance (mm) to the grown ventricles."""
+  vent_grow, _, wm_shrink = shift_mm
+  d_vent = t.wm_maps[:, _VENT] - vent_grow
+  depth = -(t.wm_maps[:, _WMF] + wm_shrink)
   z = t.wm_pos_mm[:, 2]
-  cortex = t.wm_sdf[:, _ICV]
+  cortex = t.wm_maps[:, _ICV]
   in_wm = (depth > 0) & (d_vent > 0)
   return {
       "deep": in_wm & (depth > 2.5) & (d_vent > 4) & (cortex < -12) & (z > -8),
@@ -455,6 +487,7 @@ def _wm_candidates(t: Template, sub_shift: tuple[float, float, float]) -> dict[s
 
 
 def _ellipsoid_volume_ml(radii: np.ndarray) -> float:
+  """Volume (mL) of an ellipsoid with semi-axes ``radii`` (mm)."""
   return float(4.0 / 3.0 * math.pi * np.prod(radii) / 1000.0)
 
 
@@ -462,11 +495,11 @@ def _vascular_lesions(rng: np.random.Generator, t: Template, cand: dict[str, np.
                       volume_ml: float) -> list[Lesion]:
   """Deep punctate foci (clusters at high load) filling ``volume_ml``."""
   lesions: list[Lesion] = []
-  weights = np.exp(-np.clip(cand["d_vent"], 0, None) / 20.0)
+  deep = _sampler(cand["deep"], np.exp(-np.clip(cand["d_vent"], 0, None) / 20.0))
   median_r = 1.5 + 0.6 * math.log1p(volume_ml / 3.0)
   total = 0.0
-  while total < volume_ml and cand["deep"].any():
-    i = _pick(rng, cand["deep"], weights)
+  while total < volume_ml and len(deep[0]):
+    i = _pick(rng, deep)
     centre = t.wm_pos_mm[i].astype(np.float64)
     for _ in range(1 + rng.poisson(min(volume_ml / 10.0, 3.0))):
       radii = np.clip(median_r * np.exp(rng.normal(0, 0.3, 3)) * [1, 1, 1.15], 0.9, 7.0)
@@ -480,10 +513,11 @@ def _ms_lesions(rng: np.random.Generator, t: Template, cand: dict[str, np.ndarra
                 volume_ml: float, longitudinal: bool) -> list[Lesion]:
   """Ovoid periventricular (Dawson-finger), juxtacortical and deep lesions."""
   lesions: list[Lesion] = []
+  samplers = {kind: _sampler(cand[kind]) for kind in ("pv", "jc", "deep")}
   total = 0.0
   while total < volume_ml:
-    kind = rng.choice(["pv", "jc", "deep"], p=[0.5, 0.3, 0.2])
-    i = _pick(rng, cand[kind])
+    kind = str(rng.choice(["pv", "jc", "deep"], p=[0.5, 0.3, 0.2]))
+    i = _pick(rng, samplers[kind])
     if kind == "pv":
       radii = np.array([rng.uniform(3.0, 7.0), rng.uniform(1.5, 3.0), rng.uniform(1.5, 3.0)])
       axes = _random_axes(rng, t.wm_vent_dir[i].astype(np.float64))
@@ -503,8 +537,10 @@ def make_subject(domain: Domain, subject: int, seed: int, t: Template) -> Subjec
   atrophy = (_ATROPHY_CORRELATION * z_load
              + math.sqrt(1 - _ATROPHY_CORRELATION ** 2) * rng.standard_normal())
   load = domain.load_median_ml * math.exp(domain.load_sigma * z_load)
-  shift = (2.2 * math.exp(0.45 * atrophy), 0.5 * math.exp(0.35 * atrophy),
-           0.4 * math.exp(0.5 * atrophy))
+  # Boundary shifts (mm): ventricles grow, cortex and white matter shrink.
+  shift = (2.2 * math.exp(0.4 * atrophy + 0.3 * rng.standard_normal()),
+           max(0.8 + 0.45 * atrophy + 0.3 * rng.standard_normal(), 0.1),
+           0.4 * math.exp(0.55 * atrophy))
   cand = _wm_candidates(t, shift)
   pv_share = float(rng.uniform(0.45, 0.7)) if domain.lesion_type == "vascular" else 0.0
   if domain.lesion_type == "vascular":
@@ -512,12 +548,12 @@ def make_subject(domain: Domain, subject: int, seed: int, t: Template) -> Subjec
   else:
     lesions = _ms_lesions(rng, t, cand, load, domain.longitudinal)
   if rng.uniform() < domain.other_pathology_rate:
-    i = _pick(rng, cand["other"])
+    i = _pick(rng, _sampler(cand["other"]))
     lesions.append(Lesion(t.wm_pos_mm[i].astype(np.float64), _random_axes(rng),
                           rng.uniform(2.0, 4.5, 3), "other"))
   jitter = {k: float(np.exp(rng.normal(0, 0.04))) for k in ("csf", "gm", "wmh", "other")}
   return Subject(
-      load_ml=load, scale=rng.normal(_HEAD_SCALE, 0.035) * np.exp(rng.normal(0, 0.015, 3)),
+      load_ml=load, scale=rng.normal(_HEAD_SCALE, 0.025) * np.exp(rng.normal(0, 0.015, 3)),
       warp_mm=rng.normal(0, 2.0, (3,) + _WARP_NODES).astype(np.float32),
       vent_grow_mm=shift[0], cortex_shrink_mm=shift[1], wm_shrink_mm=shift[2],
       pv_share=pv_share, pv_noise=_smooth_noise(rng, _PV_NOISE_NODES), contrast_jitter=jitter,
@@ -609,59 +645,72 @@ def _template_coords(t: Template, sub: Subject, pose: _Pose,
 
 
 def _to_scanner(t: Template, sub: Subject, pose: _Pose, x_t: np.ndarray) -> np.ndarray:
-  """Scanner position (mm) of template point ``x_t`` (fixed-point inverse of the warp)."""
-  inv = np.linalg.inv(pose.matrix)
-  x = pose.shift_mm + inv @ (x_t - t.centre_mm)
+  """Scanner positions (mm) ``(n, 3)`` of template points ``x_t`` ``(n, 3)``
+  (fixed-point inverse of the warp)."""
+  inv_t = np.linalg.inv(pose.matrix).T
+  rel_t = x_t - t.centre_mm
+  x = pose.shift_mm + rel_t @ inv_t
   for _ in range(3):
-    warp = _warp_at(sub, pose, [np.array([x[k] - pose.shift_mm[k]]) for k in range(3)])
-    x = pose.shift_mm + inv @ (x_t - t.centre_mm - warp[:, 0, 0, 0])
+    idx = ((x - pose.shift_mm - pose.warp_lo_mm) / pose.warp_step_mm).T
+    warp = np.stack([ndi.map_coordinates(sub.warp_mm[k], idx, order=1, mode="nearest")
+                     for k in range(3)], axis=1)
+    x = pose.shift_mm + (rel_t - warp) @ inv_t
   return x
 
 
 def _cap_weight(t: Template, y_mm: np.ndarray, z_mm: np.ndarray) -> np.ndarray:
   """Periventricular lesion preference at template (y, z): caps at the frontal and
   occipital horns, thin bands along the bodies, none around the temporal horns."""
-  front, back = t.vent_y_mm[1] - 8.0, t.vent_y_mm[0] + 12.0
-  caps = (0.45 + 1.1 * np.exp(-((y_mm - front) / 14.0) ** 2)
-          + 0.9 * np.exp(-((y_mm - back) / 14.0) ** 2))
+  back, front = t.vent_box_mm[:, 1]
+  caps = (0.08 + 1.1 * np.exp(-((y_mm - front) / 9.0) ** 2)
+          + 0.9 * np.exp(-((y_mm - back) / 9.0) ** 2))
   return caps / (1.0 + np.exp(-(z_mm - 2.0) / 3.0))
 
 
-def _pv_ratio(t: Template, sub: Subject, x_t: np.ndarray, d_vent: np.ndarray) -> np.ndarray:
-  """Periventricular band coordinate at template points ``x_t`` (3, n): distance to
-  the grown ventricles (mm) over the local band preference; lesion below the depth."""
+def _pv_weight(t: Template, sub: Subject, x_t: np.ndarray) -> np.ndarray:
+  """Local periventricular band thickness factor at template points ``x_t`` (3, n)."""
   lo = t.centre_mm - t.half_extent_mm
   idx = [(x_t[k] - lo[k]) / (2 * t.half_extent_mm[k]) * (sub.pv_noise.shape[k] - 1)
          for k in range(3)]
   noise = ndi.map_coordinates(sub.pv_noise, idx, order=1, mode="nearest")
-  weight = _cap_weight(t, x_t[1], x_t[2]) * np.exp(0.35 * noise)
-  return d_vent / np.maximum(weight, 1e-3)
+  return _cap_weight(t, x_t[1], x_t[2]) * np.exp(0.5 * noise)
 
 
 def _pv_depth(t: Template, sub: Subject, volume_ml: float, vent_grow: float) -> float:
-  """Band depth such that the band holds ``volume_ml`` of the subject's white matter."""
-  d_vent = t.wm_sdf[:, _VENT] - vent_grow
-  ok = (d_vent > 0) & (t.wm_sdf[:, _WMF] + sub.wm_shrink_mm < 0)
-  ratio = np.sort(_pv_ratio(t, sub, t.wm_pos_mm[ok].T.astype(np.float64), d_vent[ok]))
+  """Band depth D such that the band (distance to the grown ventricles below
+  ``D * weight``) holds ``volume_ml`` of the subject's white matter."""
+  d_vent = t.wm_maps[:, _VENT] - vent_grow
+  ok = (d_vent > 0) & (t.wm_maps[:, _WMF] + sub.wm_shrink_mm < 0)
+  weight = _pv_weight(t, sub, t.wm_pos_mm[ok].T.astype(np.float64))
+  ratio = np.sort(d_vent[ok] / np.maximum(weight, 1e-3))
   k = int(volume_ml * 1000.0 / (t.spacing_mm ** 3 * np.prod(sub.scale)))
   return 0.0 if k <= 0 else float(ratio[min(k, len(ratio) - 1)])
 
 
 def _sample_working(t: Template, sub: Subject, pose: _Pose, grid: _Grid,
-                    vent_grow: float, pv_on: bool) -> np.ndarray:
-  """Distance maps ``(5, nx, ny, nz)`` on the working grid: icv, par, wmf, vent (mm)
-  and the periventricular band coordinate; +1e3 where not needed (far away)."""
+                    vent_grow: float, pv_depth: float) -> np.ndarray:
+  """Template maps on the working grid ``(6, nx, ny, nz)``: the five template
+  channels and the periventricular band depth (mm, > 0 inside the band).
+  Voxels far outside the brain get distances of +1e3 mm."""
   x_t = _template_coords(t, sub, pose, grid.axes())
   idx = (x_t - t.origin_mm[:, None, None, None]) / t.spacing_mm
-  out = np.full((5,) + grid.shape, 1e3, np.float32)
-  out[_ICV] = ndi.map_coordinates(t.sdf[_ICV], idx, order=1, mode="nearest")
+  out = np.full((6,) + grid.shape, 1e3, np.float32)
+  out[_SULC] = 0.0
+  out[_PV] = -1e3
+  out[_ICV] = ndi.map_coordinates(t.maps[_ICV], idx, order=1, mode="nearest")
   inside = out[_ICV] < 3.0
-  inside_idx = idx[:, inside]
-  for c in (_PAR, _WMF, _VENT):
-    out[c][inside] = ndi.map_coordinates(t.sdf[c], inside_idx, order=1, mode="nearest")
-  if pv_on:
-    near = inside & (out[_VENT] - vent_grow < 30.0)
-    out[4][near] = _pv_ratio(t, sub, x_t[:, near], out[_VENT][near] - vent_grow)
+  for c in (_PAR, _SULC):
+    out[c][inside] = ndi.map_coordinates(t.maps[c], idx[:, inside], order=1, mode="nearest")
+  parenchyma = inside & (out[_PAR] < 3.0)
+  out[_WMF][parenchyma] = ndi.map_coordinates(t.maps[_WMF], idx[:, parenchyma], order=1,
+                                              mode="nearest")
+  reach = 35.0 + vent_grow
+  near = parenchyma & np.all((x_t > t.vent_box_mm[0, :, None, None, None] - reach)
+                             & (x_t < t.vent_box_mm[1, :, None, None, None] + reach), axis=0)
+  out[_VENT][near] = ndi.map_coordinates(t.maps[_VENT], idx[:, near], order=1, mode="nearest")
+  if pv_depth > 0:
+    near &= out[_VENT] - vent_grow < 30.0
+    out[_PV][near] = pv_depth * _pv_weight(t, sub, x_t[:, near]) - (out[_VENT][near] - vent_grow)
   return out
 
 
@@ -699,31 +748,39 @@ def _render_lesions(u: np.ndarray, blobs: Sequence[tuple[np.ndarray, np.ndarray,
 
 
 def _lesion_fields(t: Template, sub: Subject, pose: _Pose, tau: float | None,
-                   axes: Sequence[np.ndarray], u_pv: np.ndarray,
-                   width_mm: float) -> tuple[np.ndarray, np.ndarray]:
-  """(WMH, other pathology) depth fields (mm, > 0 inside) on the grid ``axes``."""
-  u_les = u_pv
-  u_oth = np.full(u_pv.shape, -1e3, np.float32)
-  for les in sub.lesions:
-    if tau is not None and tau < les.onset:
-      continue
+                   axes: Sequence[np.ndarray], width_mm: float) -> tuple[np.ndarray, np.ndarray]:
+  """(WMH blobs, other pathology) depth fields (mm, > 0 inside) on the grid ``axes``."""
+  shape = tuple(len(a) for a in axes)
+  u_les = np.full(shape, -1e3, np.float32)
+  u_oth = np.full(shape, -1e3, np.float32)
+  present = [les for les in sub.lesions if tau is None or tau >= les.onset]
+  if not present:
+    return u_les, u_oth
+  centres = _to_scanner(t, sub, pose, np.stack([les.centre_mm for les in present]))
+  for les, centre in zip(present, centres):
     grow = 1.0 if tau is None else min(1.0, 0.55 + 0.45 * (tau - les.onset) / 0.6)
-    blob = (_to_scanner(t, sub, pose, les.centre_mm), les.axes @ pose.rotation,
-            les.radii_mm * grow)
+    blob = (centre, les.axes @ pose.rotation, les.radii_mm * grow)
     _render_lesions(u_oth if les.kind == "other" else u_les, [blob], axes, width_mm)
   return u_les, u_oth
+
+
+_SULCAL_MM = 15.0     # mm of boundary shift per unit of sulcal CSF probability
+_SULCAL_LEVEL = 0.20  # sulcal CSF probability level of the CSF boundary (no atrophy)
 
 
 def _tissue_fractions(ch: np.ndarray, sub: Subject, vent_grow: float, u_les: np.ndarray,
                       u_oth: np.ndarray, width: float) -> np.ndarray:
   """Partial-volume fractions ``(7, x, y, z)`` in ``TISSUE_NAMES`` order (sum 1)."""
+  shrink = sub.cortex_shrink_mm
   icv = _ramp(-ch[_ICV], width)
-  par = np.minimum(icv, _ramp(-(ch[_PAR] + sub.cortex_shrink_mm), width))
+  par_depth = np.maximum(ch[_PAR], _SULCAL_MM * (ch[_SULC] - _SULCAL_LEVEL))
+  par = np.minimum(icv, _ramp(-(par_depth + shrink), width))
   wmf = np.minimum(par, _ramp(-(ch[_WMF] + sub.wm_shrink_mm), width))
   vent = np.minimum(par, _ramp(-(ch[_VENT] - vent_grow), width))
   wm = np.maximum(wmf - vent, 0)
   gm = par - np.maximum(wmf, vent)
-  les = _ramp(u_les, width) * wm
+  band = np.minimum(np.maximum(_ramp(ch[_PV], width) - vent, 0), wm)
+  les = np.maximum(band, _ramp(u_les, width) * wm)
   oth = _ramp(u_oth, width)
   keep = 1.0 - oth
   return np.stack([1.0 - icv, icv - par, vent, gm * keep, (wm - les) * keep, les * keep,
@@ -747,11 +804,11 @@ def _flair(rng: np.random.Generator, frac: np.ndarray, contrast: Mapping[str, fl
   """FLAIR-like image (scanner units, rounded) from tissue fractions: tissue contrast,
   lesion texture, bias field, gain and Rician noise; 0 outside the head."""
   pos = [(axes[k] / half_fov_mm[k] + 1) * 5.5 for k in range(3)]
-  texture = 1.0 + 0.06 * _resample_separable(_smooth_noise(rng, (12, 12, 12)), pos)
+  texture = _resample_separable(_smooth_noise(rng, (12, 12, 12)), pos)
   gain = site.gain * math.exp(rng.normal(0, 0.08))
   signal = ((frac[CSF] + frac[VENTRICLE]) * contrast["csf"] + frac[GM] * contrast["gm"]
-            + frac[WM] + frac[WMH] * contrast["wmh"] * texture
-            + frac[OTHER] * contrast["other"])
+            + frac[WM] + frac[WMH] * contrast["wmh"] * (1 + 0.05 * texture)
+            + frac[OTHER] * contrast["other"]) * (1 + 0.03 * texture)
   signal *= _bias_field(rng, site.bias, axes, half_fov_mm) * gain
   brain = frac[BACKGROUND] < 1.0
   clean = signal[brain]
@@ -796,13 +853,13 @@ def generate_scan(domain: Domain, index: int, seed: int, resolution_scale: float
   grid, work_grid = _grids(t, site, resolution_scale)
   rng = _rng(seed, domain.name, 1, index)
   pose = _make_pose(rng, sub, grid)
-  work = _sample_working(t, sub, pose, work_grid, vent_grow, pv_depth > 0)
+  work = _sample_working(t, sub, pose, work_grid, vent_grow, pv_depth)
   box = _brain_box(work[_ICV], work_grid, grid)
   axes = [a[b] for a, b in zip(grid.axes(), box)]
   ch = _resample_separable(work, [(axes[k] - work_grid.origin_mm[k]) / work_grid.spacing_mm[k]
                                   for k in range(3)])
   width = float(np.prod(grid.spacing_mm) ** (1 / 3))
-  u_les, u_oth = _lesion_fields(t, sub, pose, tau, axes, pv_depth - ch[4], width)
+  u_les, u_oth = _lesion_fields(t, sub, pose, tau, axes, width)
   frac = _tissue_fractions(ch, sub, vent_grow, u_les, u_oth, width)
   field = min(_CONTRAST, key=lambda f: abs(f - site.field_strength_t))
   contrast = {k: v * sub.contrast_jitter.get(k, 1.0) for k, v in _CONTRAST[field].items()}
@@ -816,3 +873,307 @@ def generate_scan(domain: Domain, index: int, seed: int, resolution_scale: float
   affine[:3, 3] = grid.origin_mm
   return SyntheticScan(image=image, labels=_annotate(tissue, domain.dilate_mask), tissue=tissue,
                        affine=affine, spacing_mm=grid.spacing_mm, site=site)
+
+
+# ---------------------------------------------------------------------------
+# Writing a domain
+
+
+@dataclasses.dataclass(frozen=True)
+class _Task:
+  """Everything a worker process needs to write one scan."""
+  domain: Domain
+  index: int
+  seed: int
+  resolution_scale: float
+  folder: str
+  template_cache: str
+
+
+def _stored(scan: SyntheticScan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(image, labels, affine) in the site's stored voxel order and image type."""
+  image = scan.image
+  if scan.site.dtype == "uint8":
+    image = np.clip(image, 0, 255).astype(np.uint8)
+  if scan.site.orientation == "RAS":
+    return image, scan.labels, scan.affine
+  affine = scan.affine.copy()
+  affine[:3, 3] += affine[:3, 0] * (image.shape[0] - 1)
+  affine[:3, 0] *= -1
+  return image[::-1], scan.labels[::-1], affine
+
+
+def _file_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+  """Voxel size (mm) as a loader reads it back: column norms of the float32 affine."""
+  stored = np.asarray(affine, np.float32).astype(np.float64)
+  return tuple(float(s) for s in np.linalg.norm(stored[:3, :3], axis=0))
+
+
+def _scan_ids(domain: Domain, index: int) -> tuple[str, str, int | None]:
+  """(subject_id, scan_id, time point or None)."""
+  subject, time_point, _ = _subject_layout(domain)[index]
+  if domain.longitudinal:
+    sid = f"{domain.name}-s{subject:03d}"
+    return sid, f"{sid}-t{time_point}", time_point
+  sid = f"{domain.name}-{index:04d}"
+  return sid, sid, None
+
+
+def _write_scan(task: _Task) -> dict[str, Any]:
+  """Generates, writes (image + label NIfTI) and describes one scan (manifest row)."""
+  domain = task.domain
+  scan = generate_scan(domain, task.index, task.seed, task.resolution_scale,
+                       load_template(task.template_cache))
+  image, labels, affine = _stored(scan)
+  subject_id, scan_id, time_point = _scan_ids(domain, task.index)
+  folder = Path(task.folder)
+  image_path = folder / "images" / f"{scan_id}_flair.nii.gz"
+  mask_path = folder / "masks" / f"{scan_id}_wmh.nii.gz"
+  nifti.save_nifti(image_path, image, affine)
+  nifti.save_nifti(mask_path, labels, affine)
+  spacing = _file_spacing(affine)
+  voxel_ml = float(np.prod(spacing)) / 1000.0
+  counts = np.bincount(scan.tissue.ravel(), minlength=len(TISSUE_NAMES))
+  row: dict[str, Any] = {
+      "subject_id": subject_id, "scan_id": scan_id, "image": str(image_path),
+      "mask": str(mask_path), "wmh_volume_ml": nifti.volume_ml(labels == 1, spacing),
+      "severity": None, "dataset": domain.name, "site": scan.site.name, "split": None,
+      "ventricle_ml": float(counts[VENTRICLE]) * voxel_ml,
+      "white_matter_ml": float(counts[WM]) * voxel_ml,
+      "csf_ml": float(counts[CSF] + counts[VENTRICLE]) * voxel_ml,
+      "lesion_type": domain.lesion_type, "field_strength_t": scan.site.field_strength_t,
+      "spacing_mm": "x".join(f"{s:g}" for s in scan.site.spacing_mm),
+  }
+  if time_point is not None:
+    row["timepoint"] = time_point
+  return row
+
+
+def _severity(volumes_ml: Sequence[float]) -> list[int]:
+  """Grades 0-4 from the domain's volume quintiles (ties go to the lower grade)."""
+  edges = np.quantile(np.asarray(volumes_ml, np.float64), [0.2, 0.4, 0.6, 0.8])
+  return [int(np.searchsorted(edges, v, side="left")) for v in volumes_ml]
+
+
+def _finish_rows(rows: list[dict[str, Any]], domain: Domain, seed: int) -> list[dict[str, Any]]:
+  """Adds severity and split (local: seeded 60/20/20 by subject; others: test)."""
+  for row, grade in zip(rows, _severity([r["wmh_volume_ml"] for r in rows])):
+    row["severity"] = grade
+  if domain.name == "local":
+    return manifest.assign_splits(rows, seed, (0.6, 0.2, 0.2))
+  for row in rows:
+    row["split"] = "test"
+  return rows
+
+
+def _generation_params(domain: Domain, seed: int, resolution_scale: float) -> dict[str, Any]:
+  """JSON-ready description of everything that determines a domain's files."""
+  params = {"code_version": CODE_VERSION, "seed": seed, "resolution_scale": resolution_scale,
+            "domain": dataclasses.asdict(domain)}
+  return json.loads(json.dumps(params))
+
+
+def _is_current(folder: Path, params: dict[str, Any]) -> bool:
+  """True when ``folder`` holds a complete domain generated with ``params``."""
+  try:
+    stored = json.loads((folder / PARAMS_NAME).read_text())
+    return stored == params and len(manifest.read_manifest(folder / MANIFEST_NAME)) > 0
+  except (OSError, ValueError, manifest.ManifestError):
+    return False
+
+
+def _replace_dir(partial: Path, final: Path) -> None:
+  """Moves the finished ``partial`` folder to ``final`` (replacing an old one)."""
+  old = final.with_name(f".{final.name}.old")
+  shutil.rmtree(old, ignore_errors=True)
+  if final.exists():
+    final.rename(old)
+  partial.rename(final)
+  shutil.rmtree(old, ignore_errors=True)
+
+
+def _generate_domain(domain: Domain, seed: int, resolution_scale: float, out_dir: Path,
+                     template_cache: Path, pool: Any, progress: bool) -> None:
+  """Writes ``out_dir/<domain>/`` (images, masks, manifest, parameters) atomically."""
+  from tqdm import tqdm  # noqa: PLC0415  (progress bar only)
+  partial = out_dir / f".{domain.name}.partial"
+  shutil.rmtree(partial, ignore_errors=True)
+  partial.mkdir(parents=True)
+  tasks = [_Task(domain, i, seed, resolution_scale, str(partial), str(template_cache))
+           for i in range(domain.n_scans)]
+  results = pool.imap(_write_scan, tasks, chunksize=2) if pool else map(_write_scan, tasks)
+  rows = list(tqdm(results, total=len(tasks), desc=f"cohort {domain.name}", unit="scan",
+                   disable=not progress))
+  manifest.write_manifest(partial / MANIFEST_NAME, _finish_rows(rows, domain, seed))
+  params = _generation_params(domain, seed, resolution_scale)
+  _atomic_write(partial / PARAMS_NAME, lambda f: f.write(json.dumps(params, indent=1).encode()))
+  _replace_dir(partial, out_dir / domain.name)
+
+
+def cohort_domains(n_local: int, domains: Sequence[str] | None = None,
+                   sizes: Mapping[str, int] | None = None) -> list[Domain]:
+  """The requested domains with their sizes (``local``: ``n_local``; others: default
+  or ``sizes[name]``)."""
+  names = list(DOMAINS) if domains is None else list(domains)
+  unknown = [n for n in names if n not in DOMAINS]
+  if unknown:
+    raise ValueError(f"unknown cohort domain(s) {unknown}; choose from {list(DOMAINS)}")
+  counts = {**{n: d.n_scans for n, d in DOMAINS.items()}, **(sizes or {}), "local": n_local}
+  return [dataclasses.replace(DOMAINS[n], n_scans=int(counts[n])) for n in names]
+
+
+def ensure_cohort(out_dir: str | os.PathLike, n_local: int, seed: int,
+                  domains: Sequence[str] | None = None, *,
+                  sizes: Mapping[str, int] | None = None, resolution_scale: float = 1.0,
+                  workers: int = 2, progress: bool = True) -> dict[str, Path]:
+  """Generates the synthetic cohort where missing or out of date; returns manifests.
+
+  Each domain lives in ``out_dir/<name>/`` (``images/``, ``masks/``,
+  ``manifest.csv``, ``generation.json``) and is regenerated only when its
+  generation parameters (code version, seed, size, sites, resolution) change.
+  Scan ``i`` depends only on (seed, domain, i), so the worker count does not
+  change the files.
+
+  Args:
+    out_dir: cohort root folder.
+    n_local: number of ``local`` (training-domain) scans.
+    seed: cohort seed.
+    domains: names to ensure (default: all five).
+    sizes: scan counts overriding the external domains' defaults.
+    resolution_scale: multiplies every voxel size (tests use ~2 for speed).
+    workers: processes (spawned) for generation; <= 1 generates in-process.
+    progress: show a tqdm progress bar per domain.
+
+  Returns:
+    Domain name → absolute manifest path, in ``domains`` order.
+  """
+  out_dir = Path(os.path.abspath(out_dir))
+  todo = cohort_domains(n_local, domains, sizes)
+  stale = [d for d in todo
+           if not _is_current(out_dir / d.name, _generation_params(d, seed, resolution_scale))]
+  if stale:
+    template_cache = out_dir / f".template_v{CODE_VERSION}.npz"
+    load_template(template_cache)
+    context = multiprocessing.get_context("spawn")
+    pool = context.Pool(min(workers, sum(d.n_scans for d in stale))) if workers > 1 else None
+    try:
+      for domain in stale:
+        _generate_domain(domain, seed, resolution_scale, out_dir, template_cache, pool, progress)
+    finally:
+      if pool is not None:
+        pool.close()
+        pool.join()
+  return {d.name: out_dir / d.name / MANIFEST_NAME for d in todo}
+
+
+# ---------------------------------------------------------------------------
+# Summary, overview figure, command line
+
+CONFOUNDERS = ("ventricle_ml", "white_matter_ml", "csf_ml")
+
+
+def confounder_correlations(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+  """Pearson r of ``wmh_volume_ml`` with each confounder volume (NaN if undefined)."""
+  out = {}
+  for column in CONFOUNDERS:
+    pairs = np.array([(r["wmh_volume_ml"], r[column]) for r in rows
+                      if r.get("wmh_volume_ml") is not None and r.get(column) is not None],
+                     np.float64).reshape(-1, 2)
+    ok = len(pairs) >= 3 and pairs.std(axis=0).min() > 0
+    out[column] = float(np.corrcoef(pairs.T)[0, 1]) if ok else math.nan
+  return out
+
+
+def _spacings(rows: Sequence[Mapping[str, Any]]) -> str:
+  """Distinct voxel sizes (mm) of the rows' images, from the NIfTI headers."""
+  import nibabel as nib  # noqa: PLC0415
+  seen = dict.fromkeys("x".join(f"{z:.2f}" for z in nib.load(r["image"]).header.get_zooms()[:3])
+                       for r in rows)
+  return ", ".join(seen)
+
+
+def summarize(manifests: Mapping[str, str | os.PathLike]) -> str:
+  """A text table: per domain the scan and subject counts, WMH volume median and
+  range (mL), voxel sizes (mm) and Pearson r of WMH volume with the confounders."""
+  header = (f"{'domain':<10} {'scans':>5} {'subj':>5} {'WMH median':>10} {'WMH range (mL)':>16}"
+            f" {'r vent':>7} {'r WM':>7} {'r CSF':>7}  spacing (mm)")
+  lines = [header, "-" * len(header)]
+  for name, path in manifests.items():
+    rows = manifest.read_manifest(path)
+    vols = np.array([r["wmh_volume_ml"] for r in rows], np.float64)
+    r = confounder_correlations(rows)
+    lines.append(
+        f"{name:<10} {len(rows):>5} {len({x['subject_id'] for x in rows}):>5} "
+        f"{np.median(vols):>10.2f} {f'{vols.min():.2f}-{vols.max():.2f}':>16} "
+        f"{r['ventricle_ml']:>7.2f} {r['white_matter_ml']:>7.2f} {r['csf_ml']:>7.2f}  "
+        f"{_spacings(rows)}")
+  return "\n".join(lines)
+
+
+def _example_slice(row: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+  """(image, labels) axial slice with the most WMH, RAS, and the voxel size."""
+  scan = nifti.load_image(row["image"])
+  labels = nifti.load_labels(row["mask"], scan)
+  z = int(np.argmax((labels == 1).sum(axis=(0, 1))))
+  return scan.data[:, :, z], labels[:, :, z], scan.spacing_mm
+
+
+def render_overview_png(manifests: Mapping[str, str | os.PathLike],
+                        path: str | os.PathLike) -> None:
+  """Writes a PNG with one axial slice per domain (the scan at the 75th volume
+  percentile, the slice with most WMH), WMH contours red, other pathology cyan."""
+  from matplotlib.figure import Figure  # noqa: PLC0415  (Agg, no pyplot state)
+  fig = Figure(figsize=(4.2 * len(manifests), 5.2), layout="constrained")
+  for k, (name, manifest_path) in enumerate(manifests.items()):
+    rows = manifest.read_manifest(manifest_path)
+    vols = np.array([r["wmh_volume_ml"] for r in rows])
+    row = rows[int(np.argmin(np.abs(vols - np.quantile(vols, 0.75))))]
+    image, labels, spacing = _example_slice(row)
+    ax = fig.add_subplot(1, len(manifests), k + 1)
+    ax.imshow(image.T, origin="lower", cmap="gray", aspect=spacing[1] / spacing[0],
+              vmin=0, vmax=float(np.percentile(image[image > 0], 99.5)))
+    for value, color in ((1, "red"), (2, "cyan")):
+      if (labels == value).any():
+        ax.contour((labels == value).T.astype(float), [0.5], colors=color, linewidths=0.7)
+    ax.set_title(f"{name}: {row['scan_id']}\n{row['wmh_volume_ml']:.1f} mL, "
+                 f"{row['site']}", fontsize=9)
+    ax.set_axis_off()
+  path = Path(path)
+  _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
+
+
+def _disk_mb(folders: Sequence[Path]) -> float:
+  return sum(p.stat().st_size for f in folders for p in f.rglob("*") if p.is_file()) / 1e6
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """CLI: ensure the cohort, print the summary table, optionally write the PNG."""
+  parser = argparse.ArgumentParser(prog="python -m wmh_jax.data.cohort",
+                                   description="Generate the built-in synthetic WMH cohort.")
+  parser.add_argument("--out", required=True, help="cohort folder")
+  parser.add_argument("--n_local", type=int, default=240, help="local (training) scans")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--domains", default=",".join(DOMAINS), help="comma-separated names")
+  parser.add_argument("--workers", type=int, default=2)
+  parser.add_argument("--png", default=None, help="write an overview figure here")
+  args = parser.parse_args(argv)
+  names = [n for n in args.domains.split(",") if n]
+  start = time.perf_counter()
+  try:
+    manifests = ensure_cohort(args.out, args.n_local, args.seed, names, workers=args.workers)
+  except ValueError as e:
+    print(e, file=sys.stderr)
+    return 1
+  seconds = time.perf_counter() - start
+  n_scans = sum(len(manifest.read_manifest(p)) for p in manifests.values())
+  print(summarize(manifests))
+  print(f"{n_scans} scans, {seconds:.1f} s ({seconds / max(n_scans, 1):.2f} s/scan incl. "
+        f"cached), {_disk_mb([p.parent for p in manifests.values()]):.0f} MB on disk")
+  if args.png:
+    render_overview_png(manifests, args.png)
+    print(f"overview: {args.png}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

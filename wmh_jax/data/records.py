@@ -7,7 +7,6 @@ manifest → validated rows → split → preprocessed cache → records.
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -56,15 +55,14 @@ def load_records(manifest_path: str | Path, config: ml_collections.ConfigDict,
   """Validated, preprocessed (cached) records of one manifest.
 
   Rows without a ``split`` get a seeded 60/20/20 split grouped by subject when
-  ``assign`` is true. Scans that fail to load are reported and skipped.
+  ``assign`` is true. Scans that fail to load are reported (by the cache, one
+  line each) and skipped.
   """
   rows = manifest.read_manifest(manifest_path)
   if assign:
     rows = manifest.assign_splits(rows, seed=config.data.split_seed)
   cache_dir = Path(config.data.cache_dir or default_cache_root() / "preprocessed")
-  records, failures = cache.preprocessed_records(rows, preprocess_spec(config), cache_dir)
-  for failure in failures:
-    logging.warning("skipped %s", failure)
+  records, _ = cache.preprocessed_records(rows, preprocess_spec(config), cache_dir)
   return records
 
 

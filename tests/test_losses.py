@@ -1,0 +1,141 @@
+"""Tests for wmh_jax.losses: exact values, masking, and a few Adadelta steps per kind."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from wmh_jax import configs, losses, models
+
+
+def _config(kind: str):
+  config = configs.get_config()
+  config.model.kind = kind
+  config.model.base_filters = 2
+  config.model.depth = 1
+  return config
+
+
+def _batch(seed: int = 0) -> dict[str, jax.Array]:
+  """Two 16x16x8 scans with one bright box lesion each (40 and 150 voxels)."""
+  rng = np.random.default_rng(seed)
+  image = 0.3 + 0.05 * rng.standard_normal((2, 16, 16, 8, 1))
+  mask = np.zeros((2, 16, 16, 8, 1))
+  mask[0, 4:9, 4:8, 2:4] = 1.0
+  mask[1, 3:13, 6:11, 3:6] = 1.0
+  image = np.where(mask > 0, 0.9, image)
+  return {
+      "image": jnp.asarray(image, jnp.float32),
+      "mask": jnp.asarray(mask, jnp.float32),
+      "volume_ml": jnp.asarray([4.0, 15.0], jnp.float32),
+      "severity": jnp.asarray([1, 3], jnp.int32),
+      "has_mask": jnp.asarray([1.0, 1.0], jnp.float32),
+  }
+
+
+def test_mse():
+  np.testing.assert_allclose(
+      losses.mse(jnp.array([1.0, 2.0, 4.0]), jnp.array([1.0, 0.0, 1.0])),
+      (0.0 + 4.0 + 9.0) / 3)
+
+
+def test_soft_dice_per_scan_then_mean():
+  prob = jnp.zeros((2, 2, 2, 2)).at[0, 0, 0, :].set(1.0).at[1].set(0.5)
+  mask = jnp.zeros((2, 2, 2, 2)).at[0, 0, 0, 0].set(1.0).at[1, 0].set(1.0)
+  # scan 0: inter 1, sum p 2, sum m 1; scan 1: inter 2, sum p 4, sum m 4.
+  dice0 = (2 * 1 + 1) / (2 + 1 + 1)
+  dice1 = (2 * 2 + 1) / (4 + 4 + 1)
+  np.testing.assert_allclose(losses.soft_dice_loss(prob, mask),
+                             ((1 - dice0) + (1 - dice1)) / 2, rtol=1e-6)
+  np.testing.assert_allclose(
+      losses.soft_dice_loss(prob, mask, weights=jnp.array([0.0, 1.0])),
+      1 - dice1, rtol=1e-6)
+  assert float(losses.soft_dice_loss(prob, mask, weights=jnp.zeros(2))) == 0.0
+  empty = jnp.zeros((1, 2, 2, 2))
+  assert float(losses.soft_dice_loss(empty, empty)) == 0.0
+
+
+def test_severity_ce():
+  logits = jnp.array([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+  labels = jnp.array([0, 2])
+  expected = (-(2.0 - np.log(np.exp(2.0) + 1.0 + np.exp(-1.0))) + np.log(3.0)) / 2
+  np.testing.assert_allclose(losses.severity_ce(logits, labels), expected,
+                             rtol=1e-6)
+
+
+def test_loss_fn_terms_and_metrics():
+  batch = _batch()
+  batch["has_mask"] = jnp.array([1.0, 0.0])
+  config = _config("joint")
+  config.train.joint_dice_weight = 0.5
+  seg_prob = batch["mask"][..., 0] * 0.8 + 0.1
+  outputs = {"volume": jnp.array([0.5, 1.0]), "seg_prob": seg_prob,
+             "attention": jnp.zeros((2, 16, 16, 8))}
+  loss, metrics = losses.loss_fn("joint", outputs, batch, config)
+  mse = ((0.5 - 0.4) ** 2 + (1.0 - 1.5) ** 2) / 2  # targets mL / 10
+  dice = losses.soft_dice_loss(seg_prob[:1], batch["mask"][:1, ..., 0])
+  assert set(metrics) == {"loss", "mse", "dice_loss"}
+  np.testing.assert_allclose(metrics["mse"], mse, rtol=1e-6)
+  np.testing.assert_allclose(metrics["dice_loss"], dice, rtol=1e-6)
+  np.testing.assert_allclose(loss, mse + 0.5 * dice, rtol=1e-6)
+  assert metrics["loss"] is loss
+
+  _, weak = losses.loss_fn("weak", outputs, batch, config)
+  assert set(weak) == {"loss", "mse"}
+  _, sev = losses.loss_fn(
+      "severity", {"severity_logits": jnp.eye(5)[jnp.array([1, 0])] * 3.0},
+      batch, config)
+  assert set(sev) == {"loss", "ce", "accuracy"}
+  np.testing.assert_allclose(sev["accuracy"], 0.5)
+  with pytest.raises(ValueError, match="unknown model kind 'cnn'"):
+    losses.loss_fn("cnn", outputs, batch, config)
+
+
+def _train(kind: str, steps: int = 10) -> list[float]:
+  """Losses of `steps` full-batch Adadelta steps (Keras rho/eps) on `_batch`."""
+  config = _config(kind)
+  batch = _batch()
+  model = models.build_model(config.model, volume_bias_init=0.95)
+  params = jax.jit(model.init)(jax.random.key(0), batch["image"])
+  optimizer = optax.adadelta(learning_rate=1.0, rho=0.95, eps=1e-7)
+  opt_state = optimizer.init(params)
+
+  @jax.jit
+  def step(params, opt_state):
+    def objective(p):
+      return losses.loss_fn(kind, model.apply(p, batch["image"], train=True),
+                            batch, config)[0]
+    loss, grads = jax.value_and_grad(objective)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  history = []
+  for _ in range(steps):
+    params, opt_state, loss = step(params, opt_state)
+    history.append(float(loss))
+  return history
+
+
+@pytest.mark.parametrize("kind", ["weak", "strong", "joint", "severity"])
+def test_adadelta_lr1_decreases_loss(kind):
+  history = _train(kind)
+  assert all(np.isfinite(history))
+  assert history[-1] < 0.97 * history[0], history
+
+
+def test_adadelta_default_learning_rate_climbs():
+  # optax.adadelta(learning_rate=None) scales by nothing and flips no sign:
+  # it ascends the loss, so every config must pass learning_rate=1.0.
+  def f(x):
+    return jnp.sum(x ** 2)
+  for learning_rate, climbs in ((None, True), (1.0, False)):
+    optimizer = optax.adadelta(learning_rate=learning_rate, rho=0.95, eps=1e-7)
+    x = jnp.array([1.0, -2.0, 3.0])
+    state = optimizer.init(x)
+    for _ in range(5):
+      updates, state = optimizer.update(jax.grad(f)(x), state, x)
+      x = optax.apply_updates(x, updates)
+    assert (float(f(x)) > 14.0) == climbs

@@ -1,0 +1,603 @@
+"""Inference CLI: WMH volume (mL) and native-space maps for new FLAIR scans.
+
+Usage::
+
+  python -m wmh_jax.predict --checkpoints=runs/weak[,runs/strong,...] --out=preds/ \\
+      [--tta] [--resume] [--which=best|latest] SCAN.nii.gz ... | FOLDER | MANIFEST.csv
+
+Inputs are NIfTI files, folders (every ``*.nii`` / ``*.nii.gz`` directly inside,
+sorted) or manifest CSVs (their ``scan_id`` and ``image`` columns), in any mix.
+
+Models. Each ``--checkpoints`` entry is a *group*: a single-run workdir, or a
+seed-sweep workdir whose ``seed_*/`` runs form an ensemble. Every run is
+restored from its Orbax checkpoint alone (the config comes from the
+checkpoint); weak, strong, joint and severity models are all accepted. Model
+names are ``<workdir name>_<seed dir>`` (e.g. ``weak_seed_0``) or the workdir
+name for a single run; the group is named after the workdir. All runs of one
+group must share the model kind and grid. Runs with the same architecture share
+one compiled forward, reused for every scan.
+
+Preprocessing is :func:`wmh_jax.data.nifti.preprocess` with the run's
+:func:`wmh_jax.data.records.preprocess_spec`, exactly as in training: each scan
+is loaded once and preprocessed once per distinct grid.
+
+Outputs under ``--out``:
+
+* ``volumes.csv``, one row per scan, in input order: ``scan_id``, ``path``,
+  ``status`` (``ok`` or the reason the scan failed); per model
+  ``<model>_volume_ml`` (weak/joint: regression head; strong: voxels with
+  p > 0.5), ``<model>_soft_volume_ml`` (strong/joint: sum of probabilities),
+  ``<model>_seg_volume_ml`` (joint: voxels with p > 0.5),
+  ``<model>_severity`` (severity class); per group the ensemble over seeds
+  ``<group>_mean_ml`` / ``<group>_sd_ml`` of ``volume_ml`` (likewise
+  ``_soft_`` and ``_seg_`` for the other volumes) with the sample SD
+  (ddof=1), which is NaN (written ``nan``) for a single seed, and
+  ``<group>_severity_vote``, the majority class over seeds (ties: the lower
+  class);
+  ``<group>_model_spacing_mm`` / ``<group>_model_shape`` (the preprocessing
+  grid); ``native_spacing_mm`` / ``native_shape`` (the file's own grid,
+  ``AxBxC``).
+* ``<scan>/<group>_<map>.nii.gz`` on the scan's native grid with its original
+  affine (:func:`save_native`): ``attention`` (trilinear) and
+  ``attention_mask`` (weak/joint: the ``round(mean_ml / model voxel mL)``
+  highest-attention model voxels, paper §2.2, mapped back
+  volume-preservingly), ``prob`` and ``mask`` (strong/joint: p > 0.5). For an
+  ensemble the maps are the voxel-wise mean over seeds, and the masks are made
+  from those means (so a group's mask volume can differ from its mean volume).
+* ``<scan>/done.json``, written last, holding the scan's row; ``--resume`` skips
+  scans whose ``done.json`` matches the current models and TTA setting.
+
+``--tta`` adds a left-right flipped copy (model-grid x, RAS axis 0) to the
+batch; the flipped outputs are flipped back and the raw outputs (volume,
+maps, logits) of both passes are averaged before thresholds and classes are
+derived, so the written mask matches the reported thresholded volume.
+
+Bad inputs (``InputError``: unreadable, not 3D, NaN, all zero, absurd
+spacing...) are reported on one stderr line and get their reason as
+``status``; the other scans are still processed. The exit code is 1 when any
+scan failed, 2 for a usage error (no inputs, bad manifest, bad checkpoint).
+``volumes.csv`` and ``done.json`` are replaced atomically after every scan, and
+NIfTI maps are written atomically, so an interrupted run leaves no partial
+file. Prediction runs in one process over all its local devices: each scan's
+batch (1 image, 2 with ``--tta``) is zero-padded to a multiple of the device
+count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+import tqdm
+from jax.sharding import Mesh
+
+from wmh_jax import checkpoint, inference, models as models_lib, sharding
+from wmh_jax.data import manifest, nifti, records
+from wmh_jax.errors import CheckpointError, WMHError
+from wmh_jax.evaluation import attention as attention_lib
+
+# Per-model CSV columns (keys of inference.physical_outputs) by model kind.
+MODEL_COLUMNS = {
+    "weak": ("volume_ml",),
+    "strong": ("volume_ml", "soft_volume_ml"),
+    "joint": ("volume_ml", "seg_volume_ml", "soft_volume_ml"),
+    "severity": ("severity",),
+}
+# Ensemble statistic column prefix of each volume output.
+STAT_PREFIX = {"volume_ml": "", "seg_volume_ml": "seg_", "soft_volume_ml": "soft_"}
+DONE = "done.json"
+CSV_NAME = "volumes.csv"
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+# ---------------------------------------------------------------------------
+# Inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanInput:
+  """One scan to predict.
+
+  Attributes:
+    scan_id: the manifest's scan_id, or the file name without .nii(.gz).
+    path: the NIfTI file (may not exist; loading reports it).
+    folder: unique, filesystem-safe output sub-folder name.
+  """
+  scan_id: str
+  path: Path
+  folder: str
+
+
+def _stem(path: Path) -> str:
+  """File name without ``.nii.gz`` / ``.nii``."""
+  for suffix in _NIFTI_SUFFIXES:
+    if path.name.endswith(suffix):
+      return path.name[:-len(suffix)]
+  return path.name
+
+
+def _expand(arg: str) -> list[tuple[str, Path]]:
+  """(scan_id, path) pairs of one positional argument: file, folder or manifest."""
+  path = Path(arg)
+  if path.is_dir():
+    files = sorted(p for p in path.iterdir()
+                   if p.is_file() and p.name.endswith(_NIFTI_SUFFIXES))
+    return [(_stem(p), p) for p in files]
+  if path.suffix.lower() == ".csv":
+    return [(row["scan_id"], Path(row["image"])) for row in manifest.read_manifest(path)]
+  return [(_stem(path), path)]
+
+
+def collect_inputs(args: Sequence[str]) -> list[ScanInput]:
+  """Expands files, folders and manifests into scans, in argument order.
+
+  Output folders are the scan ids with characters other than letters,
+  digits, ``.``, ``_`` and ``-`` replaced by ``_``; repeated names get a
+  ``_2``, ``_3``... suffix.
+
+  Raises:
+    ManifestError: for an invalid manifest.
+  """
+  scans, used = [], set()
+  for arg in args:
+    for scan_id, path in _expand(arg):
+      base = re.sub(r"[^A-Za-z0-9._-]", "_", scan_id).lstrip(".") or "scan"
+      folder, n = base, 1
+      while folder in used:
+        n += 1
+        folder = f"{base}_{n}"
+      used.add(folder)
+      scans.append(ScanInput(scan_id, path, folder))
+  return scans
+
+
+# ---------------------------------------------------------------------------
+# Models
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Model:
+  """One restored run, ready for inference.
+
+  Attributes:
+    name: CSV column prefix, e.g. ``weak_seed_0``.
+    group: ensemble name (the ``--checkpoints`` workdir name).
+    kind: weak | strong | joint | severity.
+    spec: its preprocessing grid.
+    volume_scale_ml: regression target scale (mL per target unit).
+    voxel_ml: volume of one model-grid voxel (mL).
+    source: ``<workdir>@<step>``, identifies the weights for ``--resume``.
+    params: parameters replicated over the mesh.
+    forward: compiled ``params, images (B,x,y,z,1) -> outputs``.
+  """
+  name: str
+  group: str
+  kind: str
+  spec: nifti.PreprocessSpec
+  volume_scale_ml: float
+  voxel_ml: float
+  source: str
+  params: Any
+  forward: inference.ForwardFn
+
+
+def _names(workdir: Path, runs: list[Path]) -> tuple[str, list[str]]:
+  """(group name, model names) of one ``--checkpoints`` entry."""
+  workdir = workdir.absolute()
+  if runs == [workdir]:
+    name = (f"{workdir.parent.name}_{workdir.name}" if workdir.name.startswith("seed_")
+            else workdir.name)
+    return name, [name]
+  return workdir.name, [f"{workdir.name}_{run.name}" for run in runs]
+
+
+def load_models(workdirs: Sequence[str], mesh: Mesh, which: str = "best") -> list[Model]:
+  """Restores every run of every workdir (seed sweeps expand to their seeds).
+
+  Raises:
+    CheckpointError: no readable checkpoint, two groups with one name, or
+      runs of one group that differ in model kind or grid.
+  """
+  loaded: list[Model] = []
+  forwards: dict[str, inference.ForwardFn] = {}
+  for workdir in workdirs:
+    runs = [run.absolute() for run in checkpoint.run_dirs(workdir)]
+    group, names = _names(Path(workdir), runs)
+    if any(m.group == group for m in loaded):
+      raise CheckpointError(workdir, f"a second model group named {group!r}; "
+                            "rename one of the workdirs")
+    for name, run in zip(names, runs):
+      restored = checkpoint.restore_for_inference(run, which)
+      config = restored.config
+      arch = config.model.to_json(sort_keys=True)
+      if arch not in forwards:
+        forwards[arch] = inference.make_forward(models_lib.build_model(config.model), mesh)
+      model = Model(name=name, group=group, kind=config.model.kind,
+                    spec=records.preprocess_spec(config),
+                    volume_scale_ml=float(config.data.volume_scale_ml),
+                    voxel_ml=records.voxel_ml(config), source=f"{run}@{restored.step}",
+                    params=sharding.replicate(restored.params, mesh), forward=forwards[arch])
+      first = next((m for m in loaded if m.group == group), model)
+      if (model.kind, model.spec) != (first.kind, first.spec):
+        raise CheckpointError(run, f"differs from {first.name} in model kind or grid "
+                              f"({model.kind} {model.spec} vs {first.kind} {first.spec})")
+      loaded.append(model)
+  return loaded
+
+
+def group_models(models: Sequence[Model]) -> dict[str, list[Model]]:
+  """Models by group, in load order."""
+  groups: dict[str, list[Model]] = {}
+  for model in models:
+    groups.setdefault(model.group, []).append(model)
+  return groups
+
+
+# ---------------------------------------------------------------------------
+# Inference and ensembles
+
+
+def _padded_batch(images: np.ndarray) -> dict[str, np.ndarray]:
+  """``images`` (n,x,y,z,1) zero-padded to a multiple of the device count, + ``valid``."""
+  n = len(images)
+  total = -(-n // jax.device_count()) * jax.device_count()
+  padded = np.zeros((total,) + images.shape[1:], np.float32)
+  padded[:n] = images
+  return {"image": padded, "valid": (np.arange(total) < n).astype(np.float32)}
+
+
+def _average_tta(raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Rows (original, x-flipped) -> one row: maps flipped back, then all outputs averaged."""
+  out = {}
+  for key, value in raw.items():
+    if value.ndim == 4:  # (2, x, y, z) voxel maps
+      value = np.stack([value[0], value[1, ::-1]])
+    out[key] = value.mean(axis=0, keepdims=True)
+  return out
+
+
+def predict_image(model: Model, image: np.ndarray, mesh: Mesh, tta: bool = False
+                  ) -> dict[str, Any]:
+  """One preprocessed image through one model.
+
+  Args:
+    model: from :func:`load_models`.
+    image: float32 ``model.spec.shape`` (x, y, z) preprocessed image.
+    tta: also run the model-grid x-flipped image and average (see module doc).
+
+  Returns:
+    :func:`wmh_jax.inference.physical_outputs` of the scan without the batch
+    axis: volumes (float, mL), ``severity`` (int), maps ``(x, y, z)``.
+
+  Raises:
+    WMHError: when the model output is not finite.
+  """
+  images = image[None, ..., None]
+  if tta:
+    images = np.concatenate([images, images[:, ::-1]])
+  raw = inference.run_batches(model.forward, model.params, [_padded_batch(images)], mesh,
+                              keep_maps=True)
+  if not all(np.isfinite(v).all() for v in raw.values()):
+    raise WMHError(model.source, "non-finite model output")
+  if tta:
+    raw = _average_tta(raw)
+  outputs = inference.physical_outputs(raw, volume_scale_ml=model.volume_scale_ml,
+                                       voxel_ml=model.voxel_ml)
+  return {k: v[0] if v.ndim > 1 else v[0].item() for k, v in outputs.items()}
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+  """Ensemble mean and sample SD (ddof=1) over seeds; the SD is NaN for one seed."""
+  values = np.asarray(values, np.float64)
+  sd = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+  return float(values.mean()), sd
+
+
+def majority_vote(classes: Sequence[int]) -> int:
+  """The most frequent class; ties go to the lower class."""
+  return int(np.bincount(np.asarray(classes, np.int64)).argmax())
+
+
+def ensemble(outputs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """Aggregates one group's per-seed outputs for one scan.
+
+  Args:
+    outputs: :func:`predict_image` results of the group's models.
+
+  Returns:
+    ``mean_ml``/``sd_ml`` of ``volume_ml`` (and ``seg_``/``soft_`` of the
+    other volumes), see :func:`mean_sd`; ``severity_vote`` by
+    :func:`majority_vote`; ``attention``/``seg_prob`` the voxel-wise mean
+    ``(x, y, z)`` maps.
+  """
+  first = outputs[0]
+  result: dict[str, Any] = {}
+  for key, prefix in STAT_PREFIX.items():
+    if key in first:
+      result[f"{prefix}mean_ml"], result[f"{prefix}sd_ml"] = mean_sd([o[key] for o in outputs])
+  if "severity" in first:
+    result["severity_vote"] = majority_vote([o["severity"] for o in outputs])
+  for key in ("attention", "seg_prob"):
+    if key in first:
+      result[key] = np.mean([o[key] for o in outputs], axis=0)
+  return result
+
+
+def group_maps(ens: dict[str, Any], spacing_mm: tuple[float, float, float]
+               ) -> dict[str, tuple[np.ndarray, int]]:
+  """Model-grid maps to write for a group: name -> (array (x,y,z), to_native order).
+
+  The attention mask keeps the ``round(mean_ml * 1000 / voxel mm³)``
+  highest-attention voxels (paper §2.2); the segmentation mask is p > 0.5.
+  """
+  maps: dict[str, tuple[np.ndarray, int]] = {}
+  if "attention" in ens:
+    count = attention_lib.predicted_voxels(ens["mean_ml"], spacing_mm)
+    maps["attention"] = (ens["attention"], 1)
+    maps["attention_mask"] = (attention_lib.threshold_to_volume(ens["attention"], count), 0)
+  if "seg_prob" in ens:
+    maps["prob"] = (ens["seg_prob"], 1)
+    maps["mask"] = (ens["seg_prob"] > 0.5, 0)
+  return maps
+
+
+# ---------------------------------------------------------------------------
+# Writing
+
+
+def save_native(path: Path, model_map: np.ndarray, geometry: nifti.Geometry, order: int) -> None:
+  """Writes a model-grid map on the scan's native grid with its original affine.
+
+  Args:
+    path: ``.nii.gz`` output (written atomically).
+    model_map: ``geometry.shape`` (x, y, z) map on the model grid.
+    geometry: the scan's :class:`~wmh_jax.data.nifti.Geometry`.
+    order: 1 continuous map (float32, trilinear); 0 binary mask (uint8,
+      volume-preserving), see :func:`wmh_jax.data.nifti.to_native`.
+  """
+  native = nifti.to_native(model_map, geometry, order=order)
+  if order == 0:
+    native = native.astype(np.uint8)
+  nifti.save_nifti(path, native, geometry.native_affine)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+  """Writes ``text`` to ``path`` via a temp file in the same folder and os.replace."""
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+def csv_columns(groups: dict[str, list[Model]]) -> list[str]:
+  """volumes.csv header for these model groups (see module docstring)."""
+  columns = ["scan_id", "path", "status"]
+  for group, models in groups.items():
+    kind = models[0].kind
+    columns += [f"{m.name}_{key}" for m in models for key in MODEL_COLUMNS[kind]]
+    columns += [f"{group}_{key}" for key in _group_keys(kind)]
+    columns += [f"{group}_model_spacing_mm", f"{group}_model_shape"]
+  return columns + ["native_spacing_mm", "native_shape"]
+
+
+def _group_keys(kind: str) -> list[str]:
+  """Ensemble columns (keys of :func:`ensemble`) of a model kind."""
+  keys = []
+  for key in MODEL_COLUMNS[kind]:
+    if key == "severity":
+      keys.append("severity_vote")
+    else:
+      keys += [f"{STAT_PREFIX[key]}mean_ml", f"{STAT_PREFIX[key]}sd_ml"]
+  return keys
+
+
+def _triple(values: Sequence[float]) -> str:
+  """``1.4x1.4x4.2`` / ``112x128x32``."""
+  return "x".join(f"{float(v):g}" for v in values)
+
+
+def _format(value: Any) -> str:
+  """CSV cell: floats in full precision (``nan`` for NaN), None as empty."""
+  if value is None:
+    return ""
+  if isinstance(value, float):
+    return repr(value)
+  return str(value)
+
+
+def write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
+  """Atomically (re)writes volumes.csv."""
+  buffer = io.StringIO()
+  writer = csv.writer(buffer, lineterminator="\n")
+  writer.writerow(columns)
+  for row in rows:
+    writer.writerow([_format(row.get(c)) for c in columns])
+  _atomic_write(path, buffer.getvalue())
+
+
+# ---------------------------------------------------------------------------
+# One scan
+
+
+def _base_row(item: ScanInput, groups: dict[str, list[Model]]) -> dict[str, Any]:
+  """Row fields known before the scan is read."""
+  row: dict[str, Any] = {"scan_id": item.scan_id, "path": os.path.abspath(item.path)}
+  for group, models in groups.items():
+    row[f"{group}_model_spacing_mm"] = _triple(models[0].spec.spacing_mm)
+    row[f"{group}_model_shape"] = _triple(models[0].spec.shape)
+  return row
+
+
+def _predict_scan(item: ScanInput, groups: dict[str, list[Model]], mesh: Mesh, tta: bool,
+                  timing: dict[str, float]
+                  ) -> tuple[dict[str, Any], dict[str, dict],
+                             dict[nifti.PreprocessSpec, nifti.Geometry]]:
+  """Loads, preprocesses (once per grid) and runs every model on one scan.
+
+  Returns (row values, ensemble of each group, geometry of each grid); sets
+  seconds in ``timing["preprocess"]`` and ``timing["model"]``.
+  """
+  start = time.perf_counter()
+  scan = nifti.load_image(item.path)
+  specs = {m.spec for models in groups.values() for m in models}
+  pre = {spec: nifti.preprocess(scan, None, spec) for spec in specs}
+  timing["preprocess"] = time.perf_counter() - start
+  start = time.perf_counter()
+  row: dict[str, Any] = {}
+  ensembles = {}
+  for group, models in groups.items():
+    outputs = [predict_image(m, pre[m.spec].image, mesh, tta) for m in models]
+    for model, out in zip(models, outputs):
+      row.update({f"{model.name}_{k}": out[k] for k in MODEL_COLUMNS[model.kind]})
+    ensembles[group] = ensemble(outputs)
+    row.update({f"{group}_{k}": ensembles[group][k] for k in _group_keys(models[0].kind)})
+  timing["model"] = time.perf_counter() - start
+  native_spacing = np.linalg.norm(scan.native_affine[:3, :3], axis=0)
+  row.update(native_spacing_mm=_triple(native_spacing),
+             native_shape=_triple(scan.native_shape))
+  return row, ensembles, {spec: p.geometry for spec, p in pre.items()}
+
+
+def _write_maps(folder: Path, groups: dict[str, list[Model]], ensembles: dict[str, dict],
+                geometries: dict[nifti.PreprocessSpec, nifti.Geometry]) -> list[str]:
+  """Writes every group's native-space maps; returns the file names."""
+  names = []
+  for group, models in groups.items():
+    spec = models[0].spec
+    for suffix, (array, order) in group_maps(ensembles[group], spec.spacing_mm).items():
+      name = f"{group}_{suffix}.nii.gz"
+      save_native(folder / name, array, geometries[spec], order)
+      names.append(name)
+  return names
+
+
+def _finished(folder: Path, signature: dict) -> dict | None:
+  """The stored row of a completed scan with the same signature, else None."""
+  try:
+    done = json.loads((folder / DONE).read_text())
+  except (OSError, ValueError):
+    return None
+  complete = all((folder / name).is_file() for name in done.get("files", []))
+  return done["row"] if done.get("signature") == signature and complete else None
+
+
+# ---------------------------------------------------------------------------
+# The run
+
+
+@dataclasses.dataclass
+class Summary:
+  """What a run did; ``timings`` holds per-scan seconds of processed scans."""
+  processed: int = 0
+  failed: int = 0
+  skipped: int = 0
+  timings: list[dict[str, float]] = dataclasses.field(default_factory=list)
+
+  def line(self) -> str:
+    """One-line summary with median seconds per scan by stage."""
+    def median(stage: str) -> str:
+      values = [t[stage] for t in self.timings]
+      return f"{statistics.median(values):.3f}" if values else "n/a"
+    return (f"predict: {self.processed} scans processed, {self.failed} failed, "
+            f"{self.skipped} skipped (resume); median s/scan: preprocessing "
+            f"{median('preprocess')}, model {median('model')}, writing {median('write')}")
+
+
+def predict(inputs: Sequence[ScanInput], models: Sequence[Model], out_dir: Path, mesh: Mesh,
+            *, tta: bool = False, resume: bool = False) -> Summary:
+  """Predicts every scan, writing maps, ``done.json`` and volumes.csv as it goes.
+
+  A scan that raises a :class:`WMHError` (or any other error) is reported on
+  stderr and recorded with its reason as ``status``; the others carry on.
+  """
+  out_dir.mkdir(parents=True, exist_ok=True)
+  groups = group_models(models)
+  columns = csv_columns(groups)
+  signature = {"models": [m.source for m in models], "tta": tta}
+  rows: list[dict[str, Any]] = []
+  summary = Summary()
+  for item in tqdm.tqdm(inputs, desc="predict", unit="scan", file=sys.stderr):
+    folder = out_dir / item.folder
+    stored = _finished(folder, signature) if resume else None
+    if stored is not None:
+      rows.append(stored)
+      summary.skipped += 1
+      continue
+    (folder / DONE).unlink(missing_ok=True)
+    row, timing = _base_row(item, groups), {}
+    try:
+      values, ensembles, geometries = _predict_scan(item, groups, mesh, tta, timing)
+      start = time.perf_counter()
+      folder.mkdir(exist_ok=True)
+      files = _write_maps(folder, groups, ensembles, geometries)
+      row.update(values, status="ok")
+      _atomic_write(folder / DONE, json.dumps(
+          {"row": row, "files": files, "signature": signature}, indent=1))
+      rows.append(row)
+      write_csv(out_dir / CSV_NAME, columns, rows)
+      timing["write"] = time.perf_counter() - start
+      summary.processed += 1
+      summary.timings.append(timing)
+    except Exception as err:  # pylint: disable=broad-except  # batch jobs carry on
+      reason = err.reason if isinstance(err, WMHError) else f"unexpected error: {err!r}"
+      tqdm.tqdm.write(f"{item.path}: {reason}", file=sys.stderr)
+      rows.append({**row, "status": reason})
+      write_csv(out_dir / CSV_NAME, columns, rows)
+      summary.failed += 1
+  write_csv(out_dir / CSV_NAME, columns, rows)
+  return summary
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog="python -m wmh_jax.predict",
+      description="Predict WMH volume (mL) and native-space maps for FLAIR scans.")
+  parser.add_argument("inputs", nargs="+",
+                      help="NIfTI files, folders of *.nii(.gz) or manifest CSVs")
+  parser.add_argument("--checkpoints", required=True,
+                      help="comma-separated training workdirs (seed sweeps = ensembles)")
+  parser.add_argument("--out", required=True, type=Path, help="output folder")
+  parser.add_argument("--tta", action="store_true", help="left-right flip test-time augmentation")
+  parser.add_argument("--resume", action="store_true", help="skip scans already finished")
+  parser.add_argument("--which", choices=("best", "latest"), default="best",
+                      help="checkpoint step to restore (default: best validation score)")
+  return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """CLI entry; returns the exit code (0 ok, 1 some scan failed, 2 usage error)."""
+  args = parse_args(argv)
+  try:
+    inputs = collect_inputs(args.inputs)
+    workdirs = [p for p in args.checkpoints.split(",") if p]
+    if not inputs or not workdirs:
+      raise WMHError(None, "no input scans found" if not inputs else "--checkpoints is empty")
+    mesh = sharding.make_mesh()
+    models = load_models(workdirs, mesh, args.which)
+  except WMHError as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+  summary = predict(inputs, models, args.out, mesh, tta=args.tta, resume=args.resume)
+  print(summary.line() + f" -> {args.out / CSV_NAME}", flush=True)
+  return 1 if summary.failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
