@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import tiny_data
-from wmh_jax import predict, train
+from wmh_jax import predict, sharding, train
 from wmh_jax.data import cache, manifest, nifti, records
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,6 +160,36 @@ def test_cli_end_to_end(runs, tmp_path):
   assert not [p for p in out.rglob(".*")]  # no temp files left behind
 
 
+def test_models_on_different_grids_get_their_own_preprocessing(runs, tmp_path, monkeypatch):
+  """Two stand-in "strong" models (probability = input image) on two grids."""
+  specs = {"fine": nifti.PreprocessSpec((16, 16, 8), (1.5, 1.5, 1.5)),
+           "coarse": nifti.PreprocessSpec((8, 8, 4), (3.0, 3.0, 3.0))}
+  stand_ins = [predict.Model(name, name, "strong", spec, 1.0,
+                             float(np.prod(spec.spacing_mm)) / 1000, name, {},
+                             lambda params, x: {"seg_prob": x[..., 0]})
+               for name, spec in specs.items()]
+  calls = []
+  real_preprocess = nifti.preprocess
+
+  def counting_preprocess(scan, labels, spec):
+    calls.append(spec)
+    return real_preprocess(scan, labels, spec)
+
+  monkeypatch.setattr(nifti, "preprocess", counting_preprocess)
+  scans = [runs["data"] / f"s0{i}_flair.nii.gz" for i in (5, 6)]
+  summary = predict.predict(predict.collect_inputs(map(str, scans)), stand_ins,
+                            tmp_path, sharding.make_mesh())
+  assert (summary.processed, summary.failed) == (2, 0)
+  assert sorted(calls, key=str) == sorted(list(specs.values()) * 2, key=str)
+  for row, path in zip(_rows(tmp_path / "volumes.csv"), scans):
+    for name, spec in specs.items():
+      image = real_preprocess(nifti.load_image(path), None, spec).image
+      assert float(row[f"{name}_soft_volume_ml"]) == pytest.approx(
+          image.sum() * np.prod(spec.spacing_mm) / 1000, rel=1e-5)
+      assert row[f"{name}_model_shape"] == "x".join(map(str, spec.shape))
+      assert nib.load(tmp_path / row["scan_id"] / f"{name}_prob.nii.gz").shape == (24, 24, 12)
+
+
 # ---------------------------------------------------------------------------
 # Bad inputs
 
@@ -277,7 +307,8 @@ def test_ensemble_of_joint_and_severity_outputs():
   assert (ens["soft_mean_ml"], ens["soft_sd_ml"]) == (4.0, pytest.approx(np.sqrt(2.0)))
   np.testing.assert_allclose(ens["attention"], [[[1.0, 2.0]]])
   np.testing.assert_allclose(ens["seg_prob"], [[[0.4, 0.8]]])
-  assert predict.ensemble([{"severity": 1}, {"severity": 4}, {"severity": 4}]) == {"severity_vote": 4}
+  votes = predict.ensemble([{"severity": 1}, {"severity": 4}, {"severity": 4}])
+  assert votes == {"severity_vote": 4}
 
   maps = predict.group_maps(ens, (10.0, 10.0, 10.0))  # 1 mL voxels: 2 mL -> 2 voxels
   assert {k: order for k, (_, order) in maps.items()} == {

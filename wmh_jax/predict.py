@@ -79,7 +79,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import jax
 import numpy as np
 import tqdm
 from jax.sharding import Mesh
@@ -250,10 +249,10 @@ def group_models(models: Sequence[Model]) -> dict[str, list[Model]]:
 # Inference and ensembles
 
 
-def _padded_batch(images: np.ndarray) -> dict[str, np.ndarray]:
-  """``images`` (n,x,y,z,1) zero-padded to a multiple of the device count, + ``valid``."""
+def _padded_batch(images: np.ndarray, devices: int) -> dict[str, np.ndarray]:
+  """``images`` (n,x,y,z,1) zero-padded to a multiple of ``devices``, + ``valid`` (B,)."""
   n = len(images)
-  total = -(-n // jax.device_count()) * jax.device_count()
+  total = -(-n // devices) * devices
   padded = np.zeros((total,) + images.shape[1:], np.float32)
   padded[:n] = images
   return {"image": padded, "valid": (np.arange(total) < n).astype(np.float32)}
@@ -288,7 +287,7 @@ def predict_image(model: Model, image: np.ndarray, mesh: Mesh, tta: bool = False
   images = image[None, ..., None]
   if tta:
     images = np.concatenate([images, images[:, ::-1]])
-  raw = inference.run_batches(model.forward, model.params, [_padded_batch(images)], mesh,
+  raw = inference.run_batches(model.forward, model.params, [_padded_batch(images, mesh.size)], mesh,
                               keep_maps=True)
   if not all(np.isfinite(v).all() for v in raw.values()):
     raise WMHError(model.source, "non-finite model output")

@@ -51,10 +51,13 @@ def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTra
 def init_state(model, optimizer: optax.GradientTransformation, seed: int,
                image_shape: tuple[int, ...]) -> State:
   """Initial train state on the host. ``image_shape`` is (x, y, z)."""
-  rng = jax.random.key_data(jax.random.key(seed))
-  params = model.init(jax.random.wrap_key_data(rng), jnp.zeros((1, *image_shape, 1)))["params"]
-  return {"step": jnp.zeros((), jnp.int32), "params": params,
-          "opt_state": optimizer.init(params), "rng": rng}
+  def init(rng):
+    params = model.init(jax.random.wrap_key_data(rng),
+                        jnp.zeros((1, *image_shape, 1)))["params"]
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": optimizer.init(params), "rng": rng}
+
+  return jax.jit(init)(jax.random.key_data(jax.random.key(seed)))
 
 
 def make_train_step(model, config: ml_collections.ConfigDict,
