@@ -18,12 +18,10 @@ N_LOCAL = 6
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
-  """A tiny five-domain cohort (18 scans), generated in-process."""
-  out = tmp_path_factory.mktemp("cohort")
-  manifests = cohort.ensure_cohort(out, N_LOCAL, seed=0, sizes=SIZES,
-                                   resolution_scale=COARSE, workers=1, progress=False)
-  return out, manifests
+def tiny(tmp_path_factory) -> dict[str, Path]:
+  """Manifests of a tiny five-domain cohort (18 scans), generated in-process."""
+  return cohort.ensure_cohort(tmp_path_factory.mktemp("cohort"), N_LOCAL, seed=0, sizes=SIZES,
+                              resolution_scale=COARSE, workers=1, progress=False)
 
 
 def _domain(name: str, n: int | None = None) -> cohort.Domain:
@@ -32,7 +30,7 @@ def _domain(name: str, n: int | None = None) -> cohort.Domain:
 
 
 def test_manifests_load_and_volumes_are_exact(tiny):
-  _, manifests = tiny
+  manifests = tiny
   assert list(manifests) == ["local", "wmhseg", "longmsles", "msseg", "msles"]
   for name, path in manifests.items():
     rows = manifest.read_manifest(path)
@@ -58,8 +56,21 @@ def test_severity_grades_are_volume_quintiles():
   assert cohort._severity(volumes) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
 
 
+def test_other_pathology_is_label_2_and_not_wmh():
+  t = cohort.load_template()
+  wmhseg = _domain("wmhseg")
+  index = next(i for i in range(20) if any(
+      les.kind == "other" for les in cohort.make_subject(wmhseg, i, 0, t).lesions))
+  scan = cohort.generate_scan(wmhseg, index, seed=0, resolution_scale=2.0)
+  assert (scan.labels == 2).sum() == (scan.tissue == cohort.OTHER).sum() > 0
+  assert ((scan.labels == 1) == (scan.tissue == cohort.WMH)).all()
+  local = _domain("local")
+  assert not any(les.kind == "other" for i in range(20)
+                 for les in cohort.make_subject(local, i, 0, t).lesions)
+
+
 def test_stored_orientation_and_type(tiny):
-  _, manifests = tiny
+  manifests = tiny
   import nibabel as nib
   local = manifest.read_manifest(manifests["local"])[0]
   wmhseg = manifest.read_manifest(manifests["wmhseg"])[0]
@@ -70,7 +81,7 @@ def test_stored_orientation_and_type(tiny):
 
 
 def test_scan_depends_only_on_seed_domain_index(tiny):
-  _, manifests = tiny
+  manifests = tiny
   domain = _domain("local", N_LOCAL)
   a = cohort.generate_scan(domain, 3, seed=0, resolution_scale=COARSE)
   b = cohort.generate_scan(domain, 3, seed=0, resolution_scale=COARSE)
@@ -84,7 +95,7 @@ def test_scan_depends_only_on_seed_domain_index(tiny):
 
 
 def test_worker_processes_write_identical_files(tiny, tmp_path):
-  _, manifests = tiny
+  manifests = tiny
   parallel = cohort.ensure_cohort(tmp_path, N_LOCAL, seed=0, domains=["local"],
                                   resolution_scale=COARSE, workers=2, progress=False)
   one = manifest.read_manifest(manifests["local"])
@@ -121,7 +132,7 @@ def test_flair_contrast_ordering():
 
 
 def test_longitudinal_domain_repeats_subjects_with_growing_load(tiny):
-  _, manifests = tiny
+  manifests = tiny
   rows = manifest.read_manifest(manifests["longmsles"])
   assert len({r["subject_id"] for r in rows}) == 1
   assert [int(r["timepoint"]) for r in rows] == [0, 1, 2, 3, 4]
@@ -131,7 +142,7 @@ def test_longitudinal_domain_repeats_subjects_with_growing_load(tiny):
 
 
 def test_confounder_correlations_and_summary(tiny):
-  _, manifests = tiny
+  manifests = tiny
   rows = [{"wmh_volume_ml": w, "ventricle_ml": v, "white_matter_ml": m, "csf_ml": c}
           for w, v, m, c in [(1, 20, 500, 300), (2, 25, 480, 310), (8, 30, 430, 350),
                              (3, 21, 470, 290)]]
@@ -171,7 +182,7 @@ def test_ms_lesions_are_more_juxtacortical_than_vascular():
 
 
 def test_overview_png_and_cli(tiny, tmp_path, capsys):
-  _, manifests = tiny
+  manifests = tiny
   png = tmp_path / "overview.png"
   cohort.render_overview_png(manifests, png)
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

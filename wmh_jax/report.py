@@ -1,0 +1,290 @@
+"""Writing the study's outputs: tables (CSV + Markdown), figures (PNG) and REPORT.md.
+
+Nothing here computes a statistic: :mod:`wmh_jax.analysis` hands over per-scan
+rows and finished :class:`Table` objects, and this module lays them out.
+Figures are drawn on :class:`matplotlib.figure.Figure` objects rendered by the
+Agg backend (no pyplot, no display). CSV files are written atomically by
+:func:`wmh_jax.predict.write_csv`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from wmh_jax import predict
+
+DPI = 90
+# The paper's Fig. 2 colours: weak (regression) runs and strong (segmentation) runs.
+KIND_COLORS = {"weak": "tab:blue", "strong": "tab:orange", "joint": "tab:green",
+               "severity": "tab:purple"}
+
+
+@dataclasses.dataclass
+class Table:
+  """A named result table.
+
+  Attributes:
+    name: file stem (``tables/<name>.csv`` / ``.md``).
+    title: one-line heading.
+    columns: column order.
+    rows: one dict per row; a missing or None cell is written empty (CSV) or
+      ``n/a`` (Markdown).
+    note: text printed under the table (e.g. why it is empty).
+  """
+  name: str
+  title: str
+  columns: list[str]
+  rows: list[dict[str, Any]]
+  note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Panel:
+  """One image of the examples figure (2D arrays are axial slices ``(x, y)``).
+
+  Attributes:
+    title: panel title.
+    background: ``(x, y)`` image or map shown with ``cmap``.
+    cmap: matplotlib colormap of the background.
+    contour: ``(x, y)`` binary mask drawn as a red outline, or None.
+    fill: ``(x, y)`` binary mask drawn as a translucent overlay, or None.
+  """
+  title: str
+  background: np.ndarray
+  cmap: str = "gray"
+  contour: np.ndarray | None = None
+  fill: np.ndarray | None = None
+
+
+# ---------------------------------------------------------------------------
+# Tables
+
+
+def format_cell(value: Any) -> str:
+  """Markdown cell: 3 decimals (scientific below 1e-3), ``n/a`` for None/NaN."""
+  if value is None or (isinstance(value, float) and math.isnan(value)):
+    return "n/a"
+  if isinstance(value, (float, np.floating)):
+    value = float(value)
+    if value != 0 and abs(value) < 1e-3:
+      return f"{value:.2e}"
+    return f"{value:.3f}"
+  return str(value)
+
+
+def markdown_table(table: Table) -> str:
+  """The table as GitHub Markdown (header, rows, then the note in italics)."""
+  lines = ["| " + " | ".join(table.columns) + " |",
+           "|" + "|".join("---" for _ in table.columns) + "|"]
+  lines += ["| " + " | ".join(format_cell(row.get(c)) for c in table.columns) + " |"
+            for row in table.rows]
+  if not table.rows:
+    lines = ["*(no rows)*"]
+  if table.note:
+    lines.append(f"\n*{table.note}*")
+  return "\n".join(lines)
+
+
+def write_table(folder: Path, table: Table) -> tuple[Path, Path]:
+  """Writes ``<name>.csv`` and ``<name>.md`` under ``folder``; returns both paths."""
+  folder.mkdir(parents=True, exist_ok=True)
+  csv_path, md_path = folder / f"{table.name}.csv", folder / f"{table.name}.md"
+  predict.write_csv(csv_path, table.columns, table.rows)
+  md_path.write_text(f"## {table.title}\n\n{markdown_table(table)}\n", encoding="utf-8")
+  return csv_path, md_path
+
+
+# ---------------------------------------------------------------------------
+# Figures
+
+
+def _save(fig: Figure, path: Path) -> Path:
+  """Renders ``fig`` with the Agg backend to a PNG at ``path``."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  FigureCanvasAgg(fig)
+  fig.savefig(path, format="png", dpi=DPI)
+  return path
+
+
+def _column(rows: Sequence[dict], name: str) -> np.ndarray:
+  return np.array([row[name] for row in rows], np.float64)
+
+
+def icc_figure(icc_rows: Sequence[dict], datasets: Sequence[str], path: Path) -> Path:
+  """Fig. 2 analogue: ICC(2,1) per dataset, one point per seed with its 5–95 % CI.
+
+  Args:
+    icc_rows: rows of the per-network ICC table (``run``, ``kind``, ``seed``,
+      ``dataset``, ``icc_2_1``, ``icc_2_1_ci_low``, ``icc_2_1_ci_high``).
+    datasets: x-axis order.
+  """
+  runs = list(dict.fromkeys((r["run"], r["kind"]) for r in icc_rows))
+  fig = Figure(figsize=(1.6 + 1.5 * len(datasets), 4.0), layout="constrained")
+  ax = fig.add_subplot()
+  width = 0.7 / max(len(runs), 1)
+  for k, (run, kind) in enumerate(runs):
+    rows = [r for r in icc_rows if r["run"] == run and r["dataset"] in datasets]
+    seeds = sorted({r["seed"] for r in rows})
+    for r in rows:
+      jitter = (seeds.index(r["seed"]) - (len(seeds) - 1) / 2) * width / max(len(seeds), 2)
+      x = datasets.index(r["dataset"]) + (k - (len(runs) - 1) / 2) * width + jitter
+      err = np.array([[r["icc_2_1"] - r["icc_2_1_ci_low"]], [r["icc_2_1_ci_high"] - r["icc_2_1"]]])
+      ax.errorbar(x, r["icc_2_1"], yerr=np.clip(np.nan_to_num(err), 0, None), fmt="o",
+                  color=KIND_COLORS.get(kind, "gray"), capsize=3, ms=5,
+                  label=f"{run} ({kind})" if r is rows[0] else None)
+  ax.set_xticks(range(len(datasets)), datasets)
+  ax.set_xlim(-0.5, len(datasets) - 0.5)
+  ax.set_xlabel("test set")
+  ax.set_ylabel("ICC(2,1) predicted vs annotated volume")
+  ax.set_title("Volume agreement per dataset (one point per seed, 5–95 % bootstrap CI)",
+               fontsize=9)
+  ax.grid(axis="y", alpha=0.3)
+  ax.legend(fontsize=8)
+  return _save(fig, path)
+
+
+def _run_axes(fig: Figure, runs: Sequence[str]) -> list:
+  return [fig.add_subplot(1, len(runs), k + 1) for k in range(len(runs))]
+
+
+def scatter_figure(rows: Sequence[dict], path: Path) -> Path:
+  """Predicted vs annotated volume (mL) per run, coloured by dataset, identity line."""
+  runs = list(dict.fromkeys(r["run"] for r in rows))
+  datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+  fig = Figure(figsize=(4.0 * len(runs), 4.0), layout="constrained")
+  for ax, run in zip(_run_axes(fig, runs), runs):
+    mine = [r for r in rows if r["run"] == run]
+    for k, dataset in enumerate(datasets):
+      part = [r for r in mine if r["dataset"] == dataset]
+      if part:
+        ax.scatter(_column(part, "annotated_ml"), _column(part, "predicted_ml"), s=12,
+                   color=f"C{k}", label=dataset, alpha=0.7)
+    values = np.concatenate([_column(mine, "annotated_ml"), _column(mine, "predicted_ml")])
+    low, high = float(min(values.min(), 0.0)), float(values.max())
+    ax.plot([low, high], [low, high], "k--", lw=0.8, label="identity")
+    ax.set_xlabel("annotated volume (mL)")
+    ax.set_ylabel("predicted volume (mL)")
+    ax.set_title(f"{run} ({mine[0]['kind']}), all seeds", fontsize=9)
+    ax.legend(fontsize=7)
+  return _save(fig, path)
+
+
+def bland_altman_figure(rows: Sequence[dict], path: Path) -> Path:
+  """Bland–Altman per run: difference (predicted − annotated, mL) vs their mean.
+
+  Lines: the mean difference (bias) and bias ± 1.96 SD (limits of agreement).
+  """
+  runs = list(dict.fromkeys(r["run"] for r in rows))
+  datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+  fig = Figure(figsize=(4.0 * len(runs), 4.0), layout="constrained")
+  for ax, run in zip(_run_axes(fig, runs), runs):
+    mine = [r for r in rows if r["run"] == run]
+    for k, dataset in enumerate(datasets):
+      part = [r for r in mine if r["dataset"] == dataset]
+      if part:
+        a, p = _column(part, "annotated_ml"), _column(part, "predicted_ml")
+        ax.scatter((a + p) / 2, p - a, s=12, color=f"C{k}", label=dataset, alpha=0.7)
+    diff = _column(mine, "predicted_ml") - _column(mine, "annotated_ml")
+    bias, sd = float(diff.mean()), float(diff.std(ddof=1)) if len(diff) > 1 else 0.0
+    ax.axhline(bias, color="k", lw=1, label=f"bias {bias:+.2f} mL")
+    for limit in (bias - 1.96 * sd, bias + 1.96 * sd):
+      ax.axhline(limit, color="k", lw=0.8, ls="--")
+    ax.set_xlabel("mean of annotated and predicted (mL)")
+    ax.set_ylabel("predicted − annotated (mL)")
+    ax.set_title(f"{run} ({mine[0]['kind']}), limits ±1.96 SD", fontsize=9)
+    ax.legend(fontsize=7)
+  return _save(fig, path)
+
+
+def examples_figure(examples: Sequence[tuple[str, Sequence[Panel]]], path: Path) -> Path:
+  """Fig. 3 analogue: one row per scan, one column per :class:`Panel`."""
+  columns = max(len(panels) for _, panels in examples)
+  fig = Figure(figsize=(2.6 * columns, 2.6 * len(examples)), layout="constrained")
+  for i, (scan_id, panels) in enumerate(examples):
+    for j, panel in enumerate(panels):
+      ax = fig.add_subplot(len(examples), columns, i * columns + j + 1)
+      ax.imshow(panel.background.T, origin="lower", cmap=panel.cmap)
+      if panel.fill is not None:
+        ax.imshow(np.ma.masked_where(~panel.fill.T.astype(bool), panel.fill.T.astype(float)),
+                  origin="lower", cmap="autumn", alpha=0.6, vmin=0, vmax=1)
+      if panel.contour is not None and panel.contour.any():
+        ax.contour(panel.contour.T.astype(float), [0.5], colors="red", linewidths=0.8)
+      ax.set_title(f"{scan_id}: {panel.title}" if j == 0 else panel.title, fontsize=8)
+      ax.set_axis_off()
+  return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------
+# REPORT.md
+
+
+def comparison_lines(comparison: Table) -> list[str]:
+  """Plain statements from the weak-vs-strong table (numbers, no fixed verdicts).
+
+  For each (weak run, strong run) pair: the datasets where the weak run's
+  seed-mean ICC(2,1) is higher and lower, every difference, and the mean
+  difference over the external (non-``local``) datasets with the largest one.
+  """
+  if not comparison.rows:
+    return [comparison.note or "No weak-vs-strong comparison is possible."]
+  lines = []
+  for weak, strong in dict.fromkeys((r["weak_run"], r["strong_run"]) for r in comparison.rows):
+    rows = [r for r in comparison.rows if (r["weak_run"], r["strong_run"]) == (weak, strong)]
+    valid = [r for r in rows if not math.isnan(r["difference"])]
+    higher = [r["dataset"] for r in valid if r["difference"] > 0]
+    lower = [r["dataset"] for r in valid if r["difference"] < 0]
+    diffs = ", ".join(f"{r['dataset']} {format_diff(r['difference'])}" for r in rows)
+    lines.append(
+        f"- Weak run `{weak}` vs strong run `{strong}`: the weak run's ICC(2,1) (mean over "
+        f"seeds) is higher on {len(higher)} of {len(valid)} datasets "
+        f"({', '.join(higher) or 'none'}) and lower on {len(lower)} "
+        f"({', '.join(lower) or 'none'}). Difference weak − strong: {diffs}.")
+    external = [r for r in valid if r["dataset"] != "local"]
+    if external:
+      largest = max(external, key=lambda r: r["difference"])
+      mean = float(np.mean([r["difference"] for r in external]))
+      lines.append(f"  Over the {len(external)} external dataset(s) the mean difference is "
+                   f"{format_diff(mean)}; the largest is on {largest['dataset']} "
+                   f"({format_diff(largest['difference'])}).")
+  return lines
+
+
+def format_diff(value: float) -> str:
+  """Signed difference with 3 decimals, ``n/a`` for NaN."""
+  return "n/a" if math.isnan(value) else f"{value:+.3f}"
+
+
+def write_report(out: Path, tables: dict[str, Table], figures: dict[str, Path],
+                 sections: Sequence[tuple[str, str, Sequence[str], Sequence[str]]]) -> Path:
+  """Writes ``out/REPORT.md``.
+
+  Args:
+    out: the study folder (figure links are relative to it).
+    tables: name → table, embedded as Markdown.
+    figures: name → PNG path.
+    sections: ``(heading, intro text, table names, figure names)`` in order;
+      table and figure names that are absent are skipped.
+  """
+  parts = ["# WMH volume study: weak vs strong labels\n"]
+  for heading, intro, table_names, figure_names in sections:
+    parts.append(f"## {heading}\n")
+    if intro:
+      parts.append(intro + "\n")
+    for name in table_names:
+      if name in tables:
+        parts.append(f"**{tables[name].title}** (`tables/{name}.csv`)\n\n"
+                     f"{markdown_table(tables[name])}\n")
+    for name in figure_names:
+      if name in figures:
+        parts.append(f"![{name}]({figures[name].relative_to(out).as_posix()})\n")
+  path = out / "REPORT.md"
+  path.write_text("\n".join(parts), encoding="utf-8")
+  return path
