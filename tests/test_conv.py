@@ -64,6 +64,47 @@ def test_impl_matches_native_values_and_grads(impl, kernel_size):
   _assert_close(gp["params"]["bias"], ref_gp["params"]["bias"])
 
 
+def test_upsample_2x_is_nearest():
+  x, _ = _inputs((1, 2, 3, 2, 2), 1)
+  expected = jnp.repeat(jnp.repeat(jnp.repeat(x, 2, 1), 2, 2), 2, 3)
+  np.testing.assert_array_equal(conv.upsample_2x(x), expected)
+
+
+@functools.partial(jax.jit, static_argnames="impl")
+def _up_value_and_grads(params, coarse, skip, cotangent, impl: str):
+  module = conv.UpConcatConv3D(cotangent.shape[-1], impl=impl)
+
+  def objective(p, c, s):
+    return jnp.sum(module.apply(p, c, s) * cotangent)
+
+  return (module.apply(params, coarse, skip),
+          jax.grad(objective, argnums=(0, 1, 2))(params, coarse, skip))
+
+
+@pytest.mark.parametrize("impl", CONCRETE)
+def test_up_concat_conv_matches_conv_of_concatenation(impl):
+  coarse, _ = _inputs((2, 3, 4, 2, 3), 1, seed=2)
+  skip, cotangent = _inputs((2, 6, 8, 4, 2), 4, seed=3)
+  params = _params((3, 3, 3), 5, 4)
+
+  def reference(p, c, s):
+    x = jnp.concatenate([conv.upsample_2x(c), s], axis=-1)
+    return conv.Conv3D(4, impl="native").apply(p, x)
+
+  ref_out = jax.jit(reference)(params, coarse, skip)
+  ref_grads = jax.jit(jax.grad(lambda *a: jnp.sum(reference(*a) * cotangent),
+                               argnums=(0, 1, 2)))(params, coarse, skip)
+  out, grads = _up_value_and_grads(params, coarse, skip, cotangent, impl)
+  _assert_close(out, ref_out)
+  for got, want in zip(jax.tree_util.tree_leaves(grads),
+                       jax.tree_util.tree_leaves(ref_grads)):
+    _assert_close(got, want)
+  shapes = jax.eval_shape(conv.UpConcatConv3D(4, impl=impl).init,
+                          jax.random.key(0), coarse, skip)
+  assert jax.tree_util.tree_map(lambda a: a.shape, shapes) == {
+      "params": {"kernel": (3, 3, 3, 5, 4), "bias": (4,)}}
+
+
 def test_native_matches_flax_conv():
   x, _ = _inputs((1, 4, 4, 4, 2), 3)
   params = _params((3, 3, 3), 2, 3)

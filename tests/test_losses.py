@@ -16,6 +16,7 @@ def _config(kind: str):
   config.model.kind = kind
   config.model.base_filters = 2
   config.model.depth = 1
+  config.model.conv_impl = "native"  # fastest to compile; impls agree (test_conv)
   return config
 
 

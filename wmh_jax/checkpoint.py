@@ -32,6 +32,12 @@ def _score(metrics: dict[str, float]) -> float:
   return metrics[SCORE]
 
 
+def _brief(error: Exception) -> str:
+  """``Type: first line of the message``, at most 200 characters (Orbax errors are long)."""
+  lines = str(error).strip().splitlines() or [""]
+  return f"{type(error).__name__}: {lines[0]}"[:200]
+
+
 class Checkpointer:
   """Saves and restores one training run under ``workdir/checkpoints``."""
 
@@ -64,15 +70,22 @@ class Checkpointer:
     A step that fails to restore (truncated or missing files) is skipped with
     a warning naming it, and the previous step is tried.
 
+    Corrupt steps newer than the restored one are deleted, so that the resumed
+    run can save those steps again.
+
     Raises:
-      CheckpointError: when the stored model config differs from ``config``.
+      CheckpointError: when the stored model config differs from ``config``, or
+        when no stored step can be restored.
     """
-    for step in sorted(self.manager.all_steps(), reverse=True):
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    bad: list[int] = []
+    for step in steps:
       try:
         stored = self._restore_config(step)
       except Exception as err:  # pylint: disable=broad-except
         logging.warning("checkpoint step %d is unreadable (%s); trying an earlier one",
-                        step, err)
+                        step, _brief(err))
+        bad.append(step)
         continue
       _check_compatible(stored, config, self.directory)
       try:
@@ -81,9 +94,17 @@ class Checkpointer:
             data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
       except Exception as err:  # pylint: disable=broad-except
         logging.warning("checkpoint step %d is corrupt (%s); trying an earlier one",
-                        step, err)
+                        step, _brief(err))
+        bad.append(step)
         continue
+      for newer in bad:  # the resumed run saves these steps again
+        logging.warning("deleting corrupt checkpoint step %d; resuming from step %d",
+                        newer, step)
+        self.manager.delete(newer)
       return restored["state"]
+    if steps:
+      raise CheckpointError(self.directory, f"no restorable checkpoint (steps {steps} failed, "
+                            "see the warnings); use a fresh --workdir or the original config")
     return None
 
   def _restore_config(self, step: int) -> dict:
@@ -104,8 +125,8 @@ class Checkpointer:
 def _check_compatible(stored: dict, config: ml_collections.ConfigDict,
                       directory: Path) -> None:
   """The stored run must have the same model and grid as the one resuming."""
-  for section, fields in (("model", ("kind", "base_filters", "depth")),
-                          ("data", ("shape",))):
+  for section, fields in (("model", ("kind", "base_filters", "depth", "num_severity_classes")),
+                          ("data", ("shape",)), ("train", ("optimizer",))):
     for field in fields:
       old, new = stored[section][field], config[section][field]
       if json.loads(json.dumps(old)) != json.loads(json.dumps(new)):
@@ -149,7 +170,7 @@ def restore_for_inference(workdir: str | Path, which: str = "best") -> RestoredR
             config=ocp.args.JsonRestore()))
       except Exception as err:  # pylint: disable=broad-except
         logging.warning("checkpoint step %d in %s is corrupt (%s); trying an earlier one",
-                        step, workdir, err)
+                        step, workdir, _brief(err))
         continue
       params = jax.tree.map(jax.device_get, restored["state"]["params"])
       return RestoredRun(Path(workdir), step, ml_collections.ConfigDict(restored["config"]),

@@ -1,11 +1,11 @@
-"""3D convolution whose formulation is chosen per backend.
+"""3D convolutions whose formulation is chosen per backend.
 
 XLA:CPU runs `lax.conv_general_dilated` in 3D several times slower than the
 same arithmetic written as 2D convolutions over the (x, y) plane, so on CPU a
 3x3x3 convolution is computed as 2D convolutions over depth-shifted copies of
 the input, with the depth (z) axis folded into the batch. On GPU/TPU the
 native 3D convolution is used. Every formulation computes the same function
-of the same parameters: the module's parameter pytree is exactly that of
+of the same parameters: a module's parameter pytree is exactly that of
 ``nn.Conv(features, kernel_size, padding='SAME')`` (``kernel`` of shape
 ``(kx, ky, kz, in_features, features)``, ``bias`` of shape ``(features,)``,
 same initialisers), so checkpoints do not depend on the backend.
@@ -13,20 +13,24 @@ same initialisers), so checkpoints do not depend on the backend.
 Formulations (``impl``):
   * ``native``: one `lax.conv_general_dilated` over (x, y, z).
   * ``depth2d``: ``sum_kz conv2d(shift_z(x, kz), kernel[:, :, kz])``; the
-    three 2D convolutions share one zero-padded, depth-major copy of x.
+    2D convolutions share one zero-padded, depth-major copy of x.
   * ``depth2d_concat``: the ``kz`` depth-shifted copies of x are concatenated
     along channels and convolved once with the kernel reshaped to
-    ``(kx, ky, kz * in_features, features)``; fewer, larger 2D convolutions,
-    which is faster when ``in_features`` is small.
+    ``(kx, ky, kz * in_features, features)``.
   * ``auto``: ``native`` on GPU/TPU, ``depth2d_concat`` on CPU.
 
-Measured on XLA:CPU (2 cores, fwd+bwd, jit): one 8->8 layer at
+Measured on XLA:CPU (2 shared cores, fwd+bwd, jit): one 8->8 layer at
 (4, 56, 64, 16) is ~8-11x faster with ``depth2d_concat`` than ``native``
-(~6-8x with ``depth2d``); one 32->32 layer at (4, 112, 128, 32) ~1.8x; a full
-GP-Unet training step (f=8, 56x64x16) ~4.4x (``depth2d`` ~3.6x). The two 2D
-formulations tie for wide inputs, ``depth2d_concat`` wins for narrow ones.
-Autodiff of the 2D formulations yields 2D convolutions in the backward pass as
-well (a custom VJP computing the kernel gradient with matmuls was no faster).
+(``depth2d`` ~6-8x); one 32->32 layer at (4, 112, 128, 32) ~1.8x. The two 2D
+formulations tie for wide inputs; ``depth2d_concat`` wins for narrow ones and
+for a whole GP-Unet step. Autodiff of the 2D formulations yields 2D
+convolutions in the backward pass too (a custom VJP computing the kernel
+gradient with matmuls was no faster).
+
+`UpConcatConv3D` convolves ``concat([upsample_2x(coarse), skip])`` (the first
+convolution of a U-Net up block). With a 2D formulation it convolves the
+upsampled part at the coarse resolution (`conv3d_upsampled`: 2x2x2 taps per
+output parity, 3.4x fewer multiply-adds, ~2.7x faster on CPU).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from collections.abc import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 IMPLS = ("auto", "native", "depth2d", "depth2d_concat")
@@ -43,10 +48,20 @@ IMPLS = ("auto", "native", "depth2d", "depth2d_concat")
 _DN_3D = ("NDHWC", "DHWIO", "NDHWC")
 _DN_2D = ("NHWC", "HWIO", "NHWC")
 
+ConvFn = Callable[[jax.Array, jax.Array], jax.Array]
+
 
 def _same_pads(size: int) -> tuple[int, int]:
   """XLA 'SAME' padding (low, high) for a stride-1 window of `size` voxels."""
   return (size - 1) // 2, size - 1 - (size - 1) // 2
+
+
+def upsample_2x(x: jax.Array) -> jax.Array:
+  """Nearest-neighbour x2 upsampling: (b, x, y, z, c) -> (b, 2x, 2y, 2z, c)."""
+  b, nx, ny, nz, c = x.shape
+  x = jnp.broadcast_to(x[:, :, None, :, None, :, None, :],
+                       (b, nx, 2, ny, 2, nz, 2, c))
+  return x.reshape(b, 2 * nx, 2 * ny, 2 * nz, c)
 
 
 def conv3d_native(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -55,11 +70,10 @@ def conv3d_native(x: jax.Array, kernel: jax.Array) -> jax.Array:
                                   dimension_numbers=_DN_3D)
 
 
-def _depth_shifted(x: jax.Array, kz: int) -> tuple[jax.Array, int]:
-  """Depth-major, z-padded copy of x: (b, z + kz - 1, x, y, c), and the depth z."""
-  depth = x.shape[3]
+def _depth_major_padded(x: jax.Array, pads: tuple[int, int]) -> jax.Array:
+  """(b, x, y, z, c) -> (b, z + sum(pads), x, y, c), zero-padded along z."""
   xt = jnp.transpose(x, (0, 3, 1, 2, 4))
-  return jnp.pad(xt, ((0, 0), _same_pads(kz), (0, 0), (0, 0), (0, 0))), depth
+  return jnp.pad(xt, ((0, 0), pads, (0, 0), (0, 0), (0, 0)))
 
 
 def _from_depth_major(y: jax.Array, batch: int, depth: int) -> jax.Array:
@@ -68,33 +82,90 @@ def _from_depth_major(y: jax.Array, batch: int, depth: int) -> jax.Array:
   return jnp.transpose(y, (0, 2, 3, 1, 4))
 
 
+def _conv2d(x: jax.Array, kernel: jax.Array,
+            padding: str | Sequence[tuple[int, int]] = "SAME") -> jax.Array:
+  """(n, x, y, ci) * (kx, ky, ci, co) -> (n, x', y', co)."""
+  return lax.conv_general_dilated(x, kernel, (1, 1), padding,
+                                  dimension_numbers=_DN_2D)
+
+
 def conv3d_depth2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """Same as `conv3d_native`, as a sum of `kz` 2D convolutions over (x, y)."""
-  b, nx, ny, _, ci = x.shape
+  b, nx, ny, nz, ci = x.shape
   kz = kernel.shape[2]
-  xp, depth = _depth_shifted(x, kz)
+  xp = _depth_major_padded(x, _same_pads(kz))
   out = None
   for dz in range(kz):
-    plane = xp[:, dz:dz + depth].reshape(b * depth, nx, ny, ci)
-    y = lax.conv_general_dilated(plane, kernel[:, :, dz], (1, 1), "SAME",
-                                 dimension_numbers=_DN_2D)
+    y = _conv2d(xp[:, dz:dz + nz].reshape(b * nz, nx, ny, ci), kernel[:, :, dz])
     out = y if out is None else out + y
-  return _from_depth_major(out, b, depth)
+  return _from_depth_major(out, b, nz)
+
+
+def _stack_depth_shifts(xp: jax.Array, start: int, taps: int,
+                        depth: int) -> jax.Array:
+  """Concat of xp[:, start + t : start + t + depth], t < taps, along channels,
+  with z folded into the batch: (b, z', x, y, c) -> (b * depth, x, y, taps * c)."""
+  b, _, nx, ny, c = xp.shape
+  shifted = [xp[:, start + t:start + t + depth] for t in range(taps)]
+  return jnp.concatenate(shifted, axis=-1).reshape(b * depth, nx, ny, taps * c)
 
 
 def conv3d_depth2d_concat(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """Same as `conv3d_native`, as one 2D convolution of `kz * ci` channels."""
-  b, nx, ny, _, ci = x.shape
+  b, _, _, nz, ci = x.shape
   kx, ky, kz, _, co = kernel.shape
-  xp, depth = _depth_shifted(x, kz)
-  stacked = jnp.concatenate([xp[:, dz:dz + depth] for dz in range(kz)], axis=-1)
-  y = lax.conv_general_dilated(stacked.reshape(b * depth, nx, ny, kz * ci),
-                               kernel.reshape(kx, ky, kz * ci, co), (1, 1),
-                               "SAME", dimension_numbers=_DN_2D)
-  return _from_depth_major(y, b, depth)
+  stacked = _stack_depth_shifts(_depth_major_padded(x, _same_pads(kz)), 0, kz, nz)
+  y = _conv2d(stacked, kernel.reshape(kx, ky, kz * ci, co))
+  return _from_depth_major(y, b, nz)
 
 
-_CONV_FNS: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {
+# _PARITY_TAPS[p] (2, 3): after nearest x2 upsampling, a 3-tap 'SAME' filter
+# w (full-resolution offsets -1, 0, 1) seen from output parity p acts on the
+# coarse grid as 2 taps at offsets (p - 1, p) with weights _PARITY_TAPS[p] @ w.
+_PARITY_TAPS = np.array([[[1, 0, 0], [0, 1, 1]],
+                         [[1, 1, 0], [0, 0, 1]]], np.float32)
+
+
+def conv3d_upsampled(coarse: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`conv3d_native(upsample_2x(coarse), kernel)` at the coarse resolution.
+
+  Each of the 8 output parities (px, py, pz) is a 2x2x2 convolution of the
+  coarse input with the kernel folded by `_PARITY_TAPS` (64 instead of 216
+  multiply-adds per coarse voxel and channel pair), written as 2D convolutions
+  over depth-shifted copies like `conv3d_depth2d_concat`.
+
+  Args:
+    coarse: (b, x, y, z, ci).
+    kernel: (3, 3, 3, ci, co).
+
+  Returns:
+    (b, 2x, 2y, 2z, co).
+  """
+  b, nx, ny, nz, ci = coarse.shape
+  co = kernel.shape[-1]
+  if kernel.shape[:3] != (3, 3, 3):
+    raise ValueError(f"conv3d_upsampled needs a 3x3x3 kernel, got {kernel.shape}")
+  taps = jnp.asarray(_PARITY_TAPS)
+  xp = _depth_major_padded(coarse, (1, 1))
+  by_parity = []  # [pz][px][py] -> (b, z, x, y, co)
+  for pz in range(2):
+    stacked = _stack_depth_shifts(xp, pz, 2, nz)
+    row = []
+    for px in range(2):
+      col = []
+      for py in range(2):
+        folded = jnp.einsum("ai,bj,ck,ijkdf->abcdf", taps[px], taps[py],
+                            taps[pz], kernel).reshape(2, 2, 2 * ci, co)
+        pads = [(1 - px, px), (1 - py, py)]
+        col.append(_conv2d(stacked, folded, pads).reshape(b, nz, nx, ny, co))
+      row.append(jnp.stack(col, axis=4))  # (b, z, x, y, py, co)
+    by_parity.append(jnp.stack(row, axis=3))  # (b, z, x, px, y, py, co)
+  out = jnp.stack(by_parity, axis=-2)  # (b, z, x, px, y, py, pz, co)
+  out = jnp.transpose(out, (0, 2, 3, 4, 5, 1, 6, 7))
+  return out.reshape(b, 2 * nx, 2 * ny, 2 * nz, co)
+
+
+_CONV_FNS: dict[str, ConvFn] = {
     "native": conv3d_native,
     "depth2d": conv3d_depth2d,
     "depth2d_concat": conv3d_depth2d_concat,
@@ -129,15 +200,42 @@ class Conv3D(nn.Module):
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros_init()
 
+  def _params(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+    """The nn.Conv-compatible (kernel, bias) for `in_features` input channels."""
+    check_impl(self.impl)
+    kernel = self.param("kernel", self.kernel_init,
+                        (*self.kernel_size, in_features, self.features))
+    return kernel, self.param("bias", self.bias_init, (self.features,))
+
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """(b, x, y, z, in_features) float32 -> (b, x, y, z, features)."""
     if x.ndim != 5 or len(self.kernel_size) != 3:
       raise ValueError(f"Conv3D expects (b, x, y, z, c) input and a 3D kernel, "
                        f"got input {x.shape} and kernel_size {self.kernel_size}")
-    in_features = x.shape[-1]
-    kernel = self.param("kernel", self.kernel_init,
-                        (*self.kernel_size, in_features, self.features))
-    bias = self.param("bias", self.bias_init, (self.features,))
-    conv = _CONV_FNS[resolve_impl(self.impl)]
-    return conv(x, kernel) + bias
+    kernel, bias = self._params(x.shape[-1])
+    return _CONV_FNS[resolve_impl(self.impl)](x, kernel) + bias
+
+
+class UpConcatConv3D(Conv3D):
+  """`Conv3D` (3x3x3) of ``concat([upsample_2x(coarse), skip], -1)``.
+
+  Same parameters as ``Conv3D(features)`` applied to that concatenation
+  (kernel input channels: the coarse ones first). With a 2D formulation the
+  coarse part is convolved by `conv3d_upsampled`, never at full resolution.
+  """
+
+  @nn.compact
+  def __call__(self, coarse: jax.Array, skip: jax.Array) -> jax.Array:
+    """coarse (b, x/2, y/2, z/2, cu), skip (b, x, y, z, cs) -> (b, x, y, z, features)."""
+    if tuple(self.kernel_size) != (3, 3, 3):
+      raise ValueError(f"UpConcatConv3D needs kernel_size (3, 3, 3), got "
+                       f"{self.kernel_size}")
+    cu = coarse.shape[-1]
+    kernel, bias = self._params(cu + skip.shape[-1])
+    impl = resolve_impl(self.impl)
+    if impl == "native":
+      x = jnp.concatenate([upsample_2x(coarse), skip], axis=-1)
+      return conv3d_native(x, kernel) + bias
+    return (conv3d_upsampled(coarse, kernel[:, :, :, :cu])
+            + _CONV_FNS[impl](skip, kernel[:, :, :, cu:]) + bias)

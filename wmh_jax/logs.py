@@ -9,6 +9,7 @@ without TensorFlow. Only process 0 writes.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -16,13 +17,27 @@ import numpy as np
 from tqdm import tqdm
 
 
+def _step_of(line: str) -> int | None:
+  """The ``step`` of one JSONL record; None for a torn line (a kill mid-write)."""
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None
+
+
 def _truncate_after(path: Path, step: int) -> None:
-  """Drops records past ``step`` (left by a run killed after its last checkpoint)."""
+  """Drops records past ``step`` (left by a run killed after its last checkpoint).
+
+  Torn lines are dropped too. The file is replaced atomically (temp file, then
+  rename), so a kill during the rewrite keeps the old log.
+  """
   if not path.exists():
     return
   kept = [line for line in path.read_text().splitlines()
-          if line and json.loads(line)["step"] <= step]
-  path.write_text("".join(line + "\n" for line in kept))
+          if (record_step := _step_of(line)) is not None and record_step <= step]
+  tmp = path.with_name(f".{path.name}.tmp")
+  tmp.write_text("".join(line + "\n" for line in kept))
+  os.replace(tmp, path)
 
 
 class MetricLogger:

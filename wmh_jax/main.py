@@ -4,16 +4,22 @@ Flags pick the config file (``:cpu`` for the 2-core variant), override fields
 (``--config.seed=2``) and run a seed sweep (``--seeds=0,1,2`` → ``workdir/seed_<n>``).
 On a cluster, ``jax.distributed.initialize()`` is called first: automatically
 under SLURM / Cloud TPU / an explicit coordinator, or when ``--distributed``.
+A :class:`~wmh_jax.errors.WMHError` (bad manifest, incompatible checkpoint,
+non-finite loss) ends the run with one ``error: <file>: <reason>`` line on
+stderr and exit status 1.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from wmh_jax.errors import WMHError
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory; seeds go to <workdir>/seed_<n>.")
@@ -61,7 +67,10 @@ def main(argv: list[str]) -> None:
   for seed in seeds:
     with config.unlocked():
       config.seed = seed
-    results[seed] = train.train_and_evaluate(config, Path(FLAGS.workdir) / f"seed_{seed}")
+    try:
+      results[seed] = train.train_and_evaluate(config, Path(FLAGS.workdir) / f"seed_{seed}")
+    except WMHError as err:  # bad input, checkpoint or loss: one line, exit status 1
+      sys.exit(f"error: {err}")
     print(f"seed {seed}: " + json.dumps(results[seed]), flush=True)
 
 

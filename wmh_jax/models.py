@@ -37,14 +37,6 @@ def max_pool_2x(x: jax.Array) -> jax.Array:
   return x.max(axis=(2, 4, 6))
 
 
-def upsample_2x(x: jax.Array) -> jax.Array:
-  """Nearest-neighbour x2 upsampling: (b, x, y, z, c) -> (b, 2x, 2y, 2z, c)."""
-  b, nx, ny, nz, c = x.shape
-  x = jnp.broadcast_to(x[:, :, None, :, None, :, None, :],
-                       (b, nx, 2, ny, 2, nz, 2, c))
-  return x.reshape(b, 2 * nx, 2 * ny, 2 * nz, c)
-
-
 class Block(nn.Module):
   """Two Conv3D+ReLU, then concat(input, output): c -> c + features channels."""
   features: int
@@ -58,6 +50,25 @@ class Block(nn.Module):
       h = nn.relu(conv.Conv3D(self.features, impl=self.conv_impl,
                               name=f"conv_{i}")(h))
     return jnp.concatenate([x, h], axis=-1)
+
+
+class UpBlock(nn.Module):
+  """`Block` applied to concat(upsample_2x(coarse), skip); same parameters.
+
+  The first convolution is a `conv.UpConcatConv3D`, which (on CPU) convolves
+  the upsampled part at the coarse resolution.
+  """
+  features: int
+  conv_impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, coarse: jax.Array, skip: jax.Array) -> jax.Array:
+    """coarse (b, x/2, y/2, z/2, cu), skip (b, x, y, z, cs) -> (b, x, y, z, cu + cs + features)."""
+    h = nn.relu(conv.UpConcatConv3D(self.features, impl=self.conv_impl,
+                                    name="conv_0")(coarse, skip))
+    h = nn.relu(conv.Conv3D(self.features, impl=self.conv_impl,
+                            name="conv_1")(h))
+    return jnp.concatenate([conv.upsample_2x(coarse), skip, h], axis=-1)
 
 
 class UNetBody(nn.Module):
@@ -88,9 +99,8 @@ class UNetBody(nn.Module):
     x = Block(self.base_filters * 2**self.depth, self.conv_impl,
               name="bottom")(x)
     for level in reversed(range(self.depth)):
-      x = jnp.concatenate([upsample_2x(x), skips[level]], axis=-1)
-      x = Block(self.base_filters * 2**level, self.conv_impl,
-                name=f"up_{level}")(x)
+      x = UpBlock(self.base_filters * 2**level, self.conv_impl,
+                  name=f"up_{level}")(x, skips[level])
     return x
 
 
@@ -107,12 +117,16 @@ class VolumeHead(nn.Module):
   """
   pool_scale: float = 1.0
   volume_bias_init: float = 0.0
+  zero_init_kernel: bool = False
 
   @nn.compact
   def __call__(self, features: jax.Array) -> dict[str, jax.Array]:
     """F (b, x, y, z, C) -> {'volume': (b,), 'attention': (b, x, y, z)}."""
     pooled = features.mean(axis=(1, 2, 3)) * self.pool_scale
-    dense = nn.Dense(1, bias_init=nn.initializers.constant(self.volume_bias_init),
+    kernel_init = (nn.initializers.zeros if self.zero_init_kernel
+                   else nn.initializers.lecun_normal())
+    dense = nn.Dense(1, kernel_init=kernel_init,
+                     bias_init=nn.initializers.constant(self.volume_bias_init),
                      name="dense")
     volume = dense(pooled)[:, 0]
     weights = dense.variables["params"]["kernel"][:, 0]
@@ -136,6 +150,7 @@ class GPUNet(nn.Module):
   conv_impl: str = "auto"
   pool_scale: float = 1.0
   volume_bias_init: float = 0.0
+  zero_init_volume_head: bool = False
 
   @nn.compact
   def __call__(self, image: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -146,7 +161,7 @@ class GPUNet(nn.Module):
     del train
     features = UNetBody(self.base_filters, self.depth, self.conv_impl,
                         name="body")(image)
-    return VolumeHead(self.pool_scale, self.volume_bias_init,
+    return VolumeHead(self.pool_scale, self.volume_bias_init, self.zero_init_volume_head,
                       name="volume_head")(features)
 
 
@@ -172,6 +187,7 @@ class JointNet(nn.Module):
   conv_impl: str = "auto"
   pool_scale: float = 1.0
   volume_bias_init: float = 0.0
+  zero_init_volume_head: bool = False
 
   @nn.compact
   def __call__(self, image: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -179,7 +195,7 @@ class JointNet(nn.Module):
     del train
     features = UNetBody(self.base_filters, self.depth, self.conv_impl,
                         name="body")(image)
-    out = VolumeHead(self.pool_scale, self.volume_bias_init,
+    out = VolumeHead(self.pool_scale, self.volume_bias_init, self.zero_init_volume_head,
                      name="volume_head")(features)
     out["seg_prob"] = SegHead(name="seg_head")(features)
     return out
@@ -223,12 +239,14 @@ def build_model(model_config: ml_collections.ConfigDict, *,
               conv_impl=model_config.conv_impl)
   if kind == "weak":
     return GPUNet(**body, pool_scale=model_config.pool_scale,
-                  volume_bias_init=volume_bias_init)
+                  volume_bias_init=volume_bias_init,
+                  zero_init_volume_head=model_config.get("zero_init_volume_head", False))
   if kind == "strong":
     return UNetSegmenter(**body)
   if kind == "joint":
     return JointNet(**body, pool_scale=model_config.pool_scale,
-                    volume_bias_init=volume_bias_init)
+                    volume_bias_init=volume_bias_init,
+                    zero_init_volume_head=model_config.get("zero_init_volume_head", False))
   if kind == "severity":
     return SeverityNet(**body, pool_scale=model_config.pool_scale,
                        num_classes=model_config.num_severity_classes)

@@ -1,0 +1,209 @@
+"""analysis CLI: per-scan predictions, summary tables, figures and REPORT.md."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tiny_data
+from wmh_jax import analysis, predict, sharding, train
+from wmh_jax.data import cache, manifest, pipeline, records
+from wmh_jax.errors import WMHError
+from wmh_jax.evaluation import attention, metrics, stats
+
+TABLES = ("networks", "datasets", "icc", "icc_mean", "comparison", "challenge", "confounders",
+          "dice_vs_icc", "severity")
+FIGURES = ("icc_per_dataset", "examples", "scatter", "bland_altman")
+
+
+def _read(path: Path) -> list[dict[str, str]]:
+  with path.open(newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def _float(cell: str) -> float:
+  return math.nan if cell == "" else float(cell)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> dict:
+  """Weak and strong tiny runs (1 seed, 1 epoch) analysed by the CLI.
+
+  Local data: 12 tiny scans (test split = "local"); external: 5 more scans in
+  ``ext/manifest.csv`` (dataset "ext"), set in the configs before training.
+  """
+  root = tmp_path_factory.mktemp("analysis")
+  local = tiny_data.make_tiny_dataset(root / "local", n=12, seed=0)
+  ext = tiny_data.make_tiny_dataset(root / "ext", n=5, seed=1)
+  configs = {}
+  for kind in ("weak", "strong"):
+    configs[kind] = tiny_data.tiny_config(local, root / "cache", kind=kind)
+    configs[kind].data.external_manifests = str(ext)
+  for path in (local, ext):  # fill the cache in-process: no worker processes are spawned
+    cache.preprocessed_records(manifest.read_manifest(path),
+                               records.preprocess_spec(configs["weak"]), root / "cache",
+                               workers=1)
+  for kind, config in configs.items():
+    train.run(config, root / kind / "seed_0")
+  out = root / "study"
+  code = analysis.main([f"--runs={root / 'weak'},{root / 'strong'}", f"--out={out}",
+                        "--n_boot=50"])
+  assert code == 0
+  return {"root": root, "out": out, "config": configs["weak"], "ext": ext}
+
+
+def test_predictions_have_one_row_per_scan_run_and_dataset(study):
+  rows = _read(study["out"] / "predictions.csv")
+  config = study["config"]
+  local_test = [r["scan_id"] for r in records.split_records(
+      records.load_records(config.data.manifest, config))["test"]]
+  external = [r["scan_id"] for r in manifest.read_manifest(study["ext"])]
+  expected = [(run, dataset, scan) for run in ("weak", "strong")
+              for dataset, scans in (("local", local_test), ("ext", external)) for scan in scans]
+  assert [(r["run"], r["dataset"], r["scan_id"]) for r in rows] == expected
+  assert {r["kind"] for r in rows if r["run"] == "strong"} == {"strong"}
+  assert all(r["seed"] == "0" for r in rows)
+  weak = [r for r in rows if r["kind"] == "weak"]
+  strong = [r for r in rows if r["kind"] == "strong"]
+  assert all(r["dice"] == r["attention_dice"] != "" for r in weak)  # weak: attention-map Dice
+  assert all(r["attention_dice"] == "" and r["predicted_soft_ml"] != "" for r in strong)
+  assert all(np.isfinite(_float(r[c])) for r in rows
+             for c in ("annotated_ml", "predicted_ml", "dice", "challenge_dice", "lesion_f1"))
+
+
+def test_icc_and_dice_tables_equal_recomputation_from_csv(study):
+  rows = _read(study["out"] / "predictions.csv")
+  table = _read(study["out"] / "tables" / "icc.csv")
+  assert [(t["run"], t["dataset"]) for t in table] == [
+      ("weak", "local"), ("weak", "ext"), ("strong", "local"), ("strong", "ext")]
+  for t in table:
+    mine = [r for r in rows if (r["run"], r["seed"], r["dataset"]) == (t["run"], t["seed"],
+                                                                        t["dataset"])]
+    annotated = np.array([_float(r["annotated_ml"]) for r in mine])
+    predicted = np.array([_float(r["predicted_ml"]) for r in mine])
+    assert int(t["n"]) == len(mine)
+    np.testing.assert_allclose(_float(t["icc_2_1"]), metrics.icc_2_1(annotated, predicted),
+                               rtol=1e-12)
+    np.testing.assert_allclose(_float(t["icc_3_1"]), metrics.icc_3_1(annotated, predicted),
+                               rtol=1e-12)
+    low, high = stats.bootstrap_ci(metrics.icc_2_1, annotated, predicted, n_boot=50, seed=0,
+                                   vectorized=True)
+    np.testing.assert_allclose([_float(t["icc_2_1_ci_low"]), _float(t["icc_2_1_ci_high"])],
+                               [low, high], rtol=1e-12)
+    np.testing.assert_allclose(_float(t["mean_dice"]),
+                               np.mean([_float(r["dice"]) for r in mine]), rtol=1e-12)
+  comparison = _read(study["out"] / "tables" / "comparison.csv")
+  icc = {(t["run"], t["dataset"]): _float(t["icc_2_1"]) for t in table}
+  for c in comparison:
+    np.testing.assert_allclose(_float(c["difference"]),
+                               icc[("weak", c["dataset"])] - icc[("strong", c["dataset"])])
+
+
+def test_per_scan_values_match_the_predict_cli_path(study):
+  """Volume and Dice of one scan per run, recomputed through predict.predict_image."""
+  rows = _read(study["out"] / "predictions.csv")
+  config = study["config"]
+  record = records.load_records(study["ext"], config, assign=False)[0]
+  loaded = pipeline.load_record(record)
+  mesh = sharding.make_mesh()
+  for model in predict.load_models([str(study["root"] / k) for k in ("weak", "strong")], mesh):
+    out = predict.predict_image(model, loaded["image"][..., 0], mesh)
+    if model.kind == "weak":
+      count = attention.predicted_voxels(out["volume_ml"], model.spec.spacing_mm)
+      seg = attention.threshold_to_volume(out["attention"], count)
+    else:
+      seg = out["seg_prob"] > 0.5
+    row = next(r for r in rows if (r["run"], r["dataset"], r["scan_id"]) ==
+               (model.group, "ext", record["scan_id"]))
+    np.testing.assert_allclose(_float(row["predicted_ml"]), out["volume_ml"], rtol=1e-5)
+    assert _float(row["dice"]) == pytest.approx(metrics.dice(loaded["mask"][..., 0], seg))
+    assert _float(row["annotated_ml"]) == pytest.approx(record["wmh_volume_ml"])
+
+
+def test_tables_figures_and_report_are_written(study):
+  out = study["out"]
+  for name in TABLES:
+    assert (out / "tables" / f"{name}.csv").stat().st_size > 0
+    assert (out / "tables" / f"{name}.md").read_text().startswith("## ")
+  for name in FIGURES:
+    data = (out / "figures" / f"{name}.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+  text = (out / "REPORT.md").read_text()
+  for needle in ("local", "ext", "figures/icc_per_dataset.png", "figures/examples.png",
+                 "Weak run `weak` vs strong run `strong`"):
+    assert needle in text
+  icc = {(t["run"], t["dataset"]): _float(t["icc_2_1"])
+         for t in _read(out / "tables" / "icc_mean.csv")}
+  assert f"ext {icc[('weak', 'ext')] - icc[('strong', 'ext')]:+.3f}" in text
+
+
+def test_summarise_confounders_correlation_and_severity():
+  """Synthetic rows: 3 weak seeds with confounders, a severity run."""
+  rng = np.random.default_rng(0)
+  annotated = rng.uniform(1, 20, 12)
+  confounders = {c: rng.uniform(5, 50, 12) for c in ("ventricle_ml", "white_matter_ml",
+                                                      "csf_ml")}
+  rows = []
+  for seed in range(3):
+    predicted = annotated + rng.normal(0, 1 + seed, 12)
+    dice = rng.uniform(0, 0.3, 12)
+    rows += [{"run": "weak", "kind": "weak", "seed": seed, "dataset": "local",
+              "scan_id": f"s{i}", "annotated_ml": annotated[i], "predicted_ml": predicted[i],
+              "dice": dice[i], **{c: v[i] for c, v in confounders.items()}} for i in range(12)]
+  truth = np.arange(12) % 5
+  rows += [{"run": "sev", "kind": "severity", "seed": 0, "dataset": "local", "scan_id": f"s{i}",
+            "annotated_ml": annotated[i], "predicted_ml": math.nan, "severity": int(truth[i]),
+            "predicted_severity": int(min(truth[i] + i % 2, 4))} for i in range(12)]
+  tables = analysis.summarise(rows, n_boot=20, seed=0)
+
+  fit = tables["confounders"].rows[2]
+  weak2 = [r for r in rows if r["seed"] == 2 and r["kind"] == "weak"]
+  expected = stats.confounder_regression(
+      annotated, np.array([r["predicted_ml"] for r in weak2]), confounders)
+  assert (fit["seed"], fit["n"]) == (2, 12)
+  assert fit["r2_full"] == pytest.approx(expected["r2_full"])
+  assert fit["p_csf_ml"] == pytest.approx(expected["confounder_p"]["csf_ml"])
+  assert fit["r_ventricle_ml"] == pytest.approx(
+      stats.pearson_with_confounders(annotated, confounders)["ventricle_ml"])
+
+  icc = tables["icc"].rows
+  assert [r["run"] for r in icc] == ["weak"] * 3  # no volume ICC for the severity run
+  corr = tables["dice_vs_icc"].rows[0]
+  expected = stats.correlation(np.array([r["mean_dice"] for r in icc]),
+                               np.array([r["icc_2_1"] for r in icc]))
+  assert (corr["networks"], corr["pearson_r"]) == (3, pytest.approx(expected["pearson_r"]))
+
+  severity = tables["severity"].rows[0]
+  predicted_class = np.array([min(t + i % 2, 4) for i, t in enumerate(truth)], np.float64)
+  assert severity["icc_2_1"] == pytest.approx(metrics.icc_2_1(truth, predicted_class))
+  assert severity["accuracy"] == pytest.approx(np.mean(truth == predicted_class))
+  assert tables["comparison"].rows == [] and tables["comparison"].note
+
+
+def test_segmentation_metrics_drop_other_pathology_from_challenge_dice():
+  labels = np.zeros((6, 6, 3), int)
+  labels[1:3, 1:3, 1] = 1
+  labels[4:6, 4:6, 1] = 2
+  seg = labels > 0  # covers the WMH and the other-pathology region
+  reference = analysis.Reference(labels, np.eye(4), (1.0, 1.0, 1.0))
+  row = analysis.segmentation_metrics({"seg": seg}, reference)
+  assert row["dice"] == pytest.approx(2 * 4 / (4 + 8))
+  assert row["challenge_dice"] == pytest.approx(1.0)
+  assert math.isnan(analysis.segmentation_metrics({"seg": seg}, None)["dice"])
+
+
+def test_dataset_names_and_errors(study, tmp_path):
+  assert analysis.dataset_name(Path("a/wmhseg/manifest.csv")) == "wmhseg"
+  assert analysis.dataset_name(Path("lists/msseg.csv")) == "msseg"
+  config = copy.deepcopy(study["config"])
+  config.data.external_manifests = f"{study['ext']},{study['root'] / 'x' / 'ext.csv'}"
+  with pytest.raises(WMHError, match="'ext' is taken"):
+    analysis.external_manifests(config)
+  assert analysis.main([f"--runs={tmp_path / 'nothing'}", f"--out={tmp_path / 'o'}"]) == 2
+  assert analysis.main([f"--runs={study['root'] / 'weak'}", f"--out={tmp_path / 'o'}",
+                        "--datasets=nope"]) == 2

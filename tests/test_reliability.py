@@ -1,0 +1,627 @@
+"""Reliability (issue #7): kill/resume exactness, corrupt and mismatched checkpoints,
+a malformed-input corpus through the batch commands, determinism, non-finite
+loss, plain-data files and atomic writes.
+
+Training runs go through the real CLI (``python -m wmh_jax.main``) in
+subprocesses that share one XLA compilation cache, so only the first run
+compiles. The runs of one phase start together; the test process watches
+their workdirs and signals them mid-run:
+
+* ``reference``: uninterrupted, 3 epochs (9 steps, checkpoints at 3, 6, 9);
+* ``again``: the same, a second time (determinism);
+* ``killed``: SIGKILL once checkpoint 3 exists and step 4 is logged, then resumed;
+* ``stopped``: SIGTERM once step 4 is logged, then resumed;
+* ``poisoned``: a NaN batch at step 5 (``train.debug_nan_step``);
+* ``corrupt``: a copy of ``reference`` with checkpoint 9 truncated, resumed;
+* ``bad_manifest``: a manifest with duplicate scan ids.
+
+Covered elsewhere (not repeated here): 0 vs 2 loader workers give identical
+batches (tests/test_pipeline.py::test_worker_count_does_not_change_batches);
+1 vs 4 devices and 2 processes (tests/test_train.py); each bad scan kind
+through ``nifti.load_image`` (tests/test_nifti.py).
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import malformed
+import tiny_data
+from wmh_jax import checkpoint, logs, predict, train
+from wmh_jax.data import cache, manifest, nifti, records
+from wmh_jax.errors import CheckpointError, ManifestError
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS = 3
+STEPS_PER_EPOCH = 3  # 12 training scans of the 20-scan tiny dataset, batch 4
+TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH
+NAN_STEP = 5         # 1-based step whose batch is poisoned
+TIMEOUT_S = 600
+
+
+# ---------------------------------------------------------------------------
+# Shared data and CLI runs
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+  """The tiny dataset, its filled preprocessing cache and the CLI environment."""
+  root: Path
+  manifest: Path
+  cache_dir: Path
+  env: dict[str, str]
+
+  def config(self) -> ml_collections.ConfigDict:
+    """The config the CLI runs use (tests/tiny_experiment.py, 3 epochs)."""
+    config = tiny_data.tiny_config(self.manifest, self.cache_dir)
+    config.train.num_epochs = EPOCHS
+    return config
+
+
+@dataclasses.dataclass
+class Launch:
+  """One ``python -m wmh_jax.main`` subprocess; ``run`` is its ``seed_0`` folder."""
+  proc: subprocess.Popen
+  run: Path
+  log: Path
+
+  def finish(self) -> tuple[int, str]:
+    """Waits for the process; returns (exit status, combined stdout and stderr)."""
+    rc = self.proc.wait(timeout=TIMEOUT_S)
+    return rc, self.log.read_text()
+
+
+@dataclasses.dataclass
+class Runs:
+  """What the CLI runs did (see the module docstring); runs are ``seed_0`` folders."""
+  reference: Path
+  again: Path
+  killed: Path
+  stopped: Path
+  poisoned: Path
+  corrupt: Path
+  status: dict[str, int]
+  output: dict[str, str]
+  at_kill: dict[str, list[int]]     # checkpoint steps and logged steps after SIGKILL
+  term_sent_after_step: int | None  # last logged step when SIGTERM was sent
+  at_stop: dict[str, list[int]]     # checkpoint steps and logged steps after SIGTERM
+  bad_manifest: Path
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Study:
+  root = tmp_path_factory.mktemp("reliability")
+  manifest_path = tiny_data.make_tiny_dataset(root / "data")
+  study = Study(root, manifest_path, root / "cache", {
+      **os.environ, "JAX_PLATFORMS": "cpu",
+      "JAX_COMPILATION_CACHE_DIR": str(root / "xla_cache"),
+      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+      "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
+  # Fill the preprocessing cache in this process (no worker pool in every run).
+  cache.preprocessed_records(manifest.read_manifest(manifest_path),
+                             records.preprocess_spec(study.config()), study.cache_dir, workers=1)
+  return study
+
+
+def _launch(study: Study, name: str, *overrides: str, workdir: Path | None = None) -> Launch:
+  workdir = workdir or study.root / name
+  workdir.mkdir(parents=True, exist_ok=True)
+  log = study.root / f"{name}.{len(list(study.root.glob(f'{name}.*.log')))}.log"
+  command = [sys.executable, "-m", "wmh_jax.main", "--config=tests/tiny_experiment.py",
+             f"--config.data.manifest={study.manifest}",
+             f"--config.data.cache_dir={study.cache_dir}",
+             f"--config.train.num_epochs={EPOCHS}", f"--workdir={workdir}", *overrides]
+  with log.open("w") as out:
+    proc = subprocess.Popen(command, cwd=REPO, env=study.env, stdout=out,
+                            stderr=subprocess.STDOUT)
+  return Launch(proc, workdir / "seed_0", log)
+
+
+def _logged_steps(run: Path) -> list[int]:
+  """Steps of the parseable metrics.jsonl records (a line may be mid-write)."""
+  path = run / "metrics.jsonl"
+  if not path.exists():
+    return []
+  steps = []
+  for line in path.read_text().splitlines():
+    try:
+      steps.append(json.loads(line)["step"])
+    except ValueError:
+      pass
+  return steps
+
+
+def _checkpoint_steps(run: Path) -> list[int]:
+  """Finished checkpoint steps (Orbax renames a step's temp folder when done)."""
+  folder = run / "checkpoints"
+  if not folder.is_dir():
+    return []
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
+def _signal_when(launches: dict[str, tuple[Launch, int, Callable[[Path], bool]]]
+                 ) -> dict[str, int]:
+  """Sends each launch its signal as soon as its condition holds.
+
+  Returns the last logged step at the moment each signal was sent (a launch
+  that ended before its condition held is missing from the result).
+  """
+  sent: dict[str, int] = {}
+  waiting = dict(launches)
+  deadline = time.monotonic() + TIMEOUT_S
+  while waiting and time.monotonic() < deadline:
+    for name, (launch, signum, condition) in list(waiting.items()):
+      if launch.proc.poll() is not None:
+        del waiting[name]
+      elif condition(launch.run):
+        sent[name] = max(_logged_steps(launch.run))
+        launch.proc.send_signal(signum)
+        del waiting[name]
+    time.sleep(0.005)
+  return sent
+
+
+def _corrupt(step_dir: Path, mode: str) -> None:
+  """Damages one checkpoint step: truncates its largest array file, or deletes its data."""
+  files = [p for p in (step_dir / "state").rglob("*") if p.is_file()]
+  if mode == "truncate":
+    largest = max(files, key=lambda p: p.stat().st_size)
+    os.truncate(largest, largest.stat().st_size // 2)
+  else:
+    for path in files:
+      if path.parent.name == "d":
+        path.unlink()
+
+
+@pytest.fixture(scope="module")
+def reference(study: Study) -> Path:
+  """An uninterrupted CLI run (its compilations fill the shared XLA cache)."""
+  launch = _launch(study, "reference")
+  rc, output = launch.finish()
+  assert rc == 0, output[-3000:]
+  return launch.run
+
+
+@pytest.fixture(scope="module")
+def runs(study: Study, reference: Path) -> Runs:
+  bad_manifest = study.root / "duplicate_ids.csv"
+  rows = manifest.read_manifest(study.manifest)[:2]
+  rows[1]["scan_id"] = rows[0]["scan_id"]
+  manifest.write_manifest(bad_manifest, rows)
+
+  # Phase 1: interrupted runs, a second reference, a poisoned run, a bad manifest.
+  launches = {
+      "again": _launch(study, "again"),
+      "killed": _launch(study, "killed"),
+      "stopped": _launch(study, "stopped"),
+      "poisoned": _launch(study, "poisoned", f"--config.train.debug_nan_step={NAN_STEP - 1}"),
+      "bad_manifest": _launch(study, "bad_manifest",
+                              f"--config.data.manifest={bad_manifest}"),
+  }
+  sent = _signal_when({
+      "killed": (launches["killed"], signal.SIGKILL,
+                 lambda run: 3 in _checkpoint_steps(run) and max(_logged_steps(run)) >= 4),
+      "stopped": (launches["stopped"], signal.SIGTERM,
+                  lambda run: max(_logged_steps(run), default=0) >= 4),
+  })
+  status, output = {}, {}
+  for name, launch in launches.items():
+    status[name], output[name] = launch.finish()
+  killed, stopped = launches["killed"].run, launches["stopped"].run
+  at_kill = {"checkpoints": _checkpoint_steps(killed), "logged": _logged_steps(killed)}
+  at_stop = {"checkpoints": _checkpoint_steps(stopped), "logged": _logged_steps(stopped)}
+
+  # Phase 2: resume the interrupted runs and a copy of the reference with a corrupt step 9.
+  corrupt = study.root / "corrupt" / "seed_0"
+  shutil.copytree(reference, corrupt)
+  _corrupt(corrupt / "checkpoints" / str(TOTAL_STEPS), "truncate")
+  resumes = {"killed_resumed": _launch(study, "killed"),
+             "stopped_resumed": _launch(study, "stopped"),
+             "corrupt_resumed": _launch(study, "corrupt")}
+  for name, launch in resumes.items():
+    status[name], output[name] = launch.finish()
+  return Runs(reference=reference, again=launches["again"].run, killed=killed,
+              stopped=stopped, poisoned=launches["poisoned"].run, corrupt=corrupt,
+              status=status, output=output, at_kill=at_kill,
+              term_sent_after_step=sent.get("stopped"), at_stop=at_stop,
+              bad_manifest=bad_manifest)
+
+
+# ---------------------------------------------------------------------------
+# Bitwise comparison of runs
+
+
+def _restore_state(run: Path, step: int | None = None) -> tuple[int, dict[str, Any]]:
+  """The full train state (step, params, opt_state, rng) of one checkpoint, on the host."""
+  options = ocp.CheckpointManagerOptions(read_only=True)
+  with ocp.CheckpointManager(run / "checkpoints", options=options,
+                             item_handlers={"state": ocp.StandardCheckpointHandler()}) as manager:
+    step = manager.latest_step() if step is None else step
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          manager.item_metadata(step)["state"])
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))["state"]
+  return step, jax.tree.map(np.asarray, restored)
+
+
+def _assert_same_run(run: Path, reference: Path) -> None:
+  """Latest checkpoint (every state leaf), iterator state and logs are bitwise equal."""
+  step, state = _restore_state(run)
+  ref_step, ref_state = _restore_state(reference)
+  assert step == ref_step == TOTAL_STEPS
+  assert set(state) == {"step", "params", "opt_state", "rng"}
+  leaves = jax.tree.leaves_with_path(state)
+  ref_leaves = jax.tree.leaves_with_path(ref_state)
+  assert [path for path, _ in leaves] == [path for path, _ in ref_leaves]
+  differ = [jax.tree_util.keystr(path) for (path, a), (_, b) in zip(leaves, ref_leaves)
+            if a.dtype != b.dtype or not np.array_equal(a, b)]
+  assert not differ, differ
+  assert len(jax.tree.leaves(state["opt_state"])) == 2 * len(jax.tree.leaves(state["params"]))
+  iterator = f"checkpoints/{TOTAL_STEPS}/data_iter/process_0-of-1.json"
+  for name in ("metrics.jsonl", "final_metrics.json", iterator):
+    assert (run / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+# ---------------------------------------------------------------------------
+# 1. Kill and resume
+
+
+def test_sigkill_mid_run_then_resume_is_bitwise_exact(runs: Runs):
+  assert runs.status["killed"] == -signal.SIGKILL, runs.output["killed"][-3000:]
+  latest = max(runs.at_kill["checkpoints"])
+  assert 3 <= latest < TOTAL_STEPS
+  # The kill left metrics past the last checkpoint: the resume must drop them.
+  assert max(runs.at_kill["logged"]) > latest
+  assert runs.status["killed_resumed"] == 0, runs.output["killed_resumed"][-3000:]
+  assert f"resumed {runs.killed} at step {latest}" in runs.output["killed_resumed"]
+  _assert_same_run(runs.killed, runs.reference)
+
+
+def test_sigterm_saves_a_final_checkpoint_then_resume_is_bitwise_exact(runs: Runs):
+  assert runs.status["stopped"] == 0, runs.output["stopped"][-3000:]
+  assert '"preempted": 1.0' in runs.output["stopped"]
+  sent = runs.term_sent_after_step
+  assert sent is not None, "the run ended before SIGTERM could be sent"
+  latest = max(runs.at_stop["checkpoints"])
+  # Saved at the step in flight when the signal came (the next one at most) ...
+  assert latest == max(runs.at_stop["logged"]) and latest in (sent, sent + 1)
+  # ... which is not an epoch end: the signal came after step 4 (epochs end at 3, 6, 9).
+  assert latest % STEPS_PER_EPOCH != 0
+  assert f"SIGTERM: saved step {latest}" in runs.output["stopped"]
+  assert runs.status["stopped_resumed"] == 0, runs.output["stopped_resumed"][-3000:]
+  assert f"resumed {runs.stopped} at step {latest}" in runs.output["stopped_resumed"]
+  _assert_same_run(runs.stopped, runs.reference)
+
+
+# ---------------------------------------------------------------------------
+# 2. Corrupt and mismatched checkpoints
+
+
+@pytest.mark.parametrize("mode", ["truncate", "delete"])
+def test_corrupt_latest_checkpoint_falls_back_with_a_warning(reference, tmp_path, caplog, mode):
+  run = tmp_path / "seed_0"
+  shutil.copytree(reference, run)
+  _corrupt(run / "checkpoints" / str(TOTAL_STEPS), mode)
+  caplog.set_level(logging.WARNING)
+  restored = checkpoint.restore_for_inference(run, "latest")
+  assert restored.step == 2 * STEPS_PER_EPOCH
+  warnings = [r.getMessage() for r in caplog.records if "is corrupt" in r.getMessage()]
+  assert len(warnings) == 1
+  assert warnings[0].startswith(f"checkpoint step {TOTAL_STEPS} in {run} is corrupt (")
+  assert "\n" not in warnings[0]
+  _, good = _restore_state(reference, 2 * STEPS_PER_EPOCH)
+  for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(good["params"]), strict=True):
+    assert np.array_equal(a, b)
+
+
+def test_resume_from_corrupt_latest_falls_back_and_rewrites_it(runs: Runs):
+  output = runs.output["corrupt_resumed"]
+  assert runs.status["corrupt_resumed"] == 0, output[-3000:]
+  assert f"checkpoint step {TOTAL_STEPS} is corrupt" in output
+  assert f"deleting corrupt checkpoint step {TOTAL_STEPS}; resuming from step 6" in output
+  assert f"resumed {runs.corrupt} at step 6" in output
+  _assert_same_run(runs.corrupt, runs.reference)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("model.kind", "strong"), ("model.base_filters", 4), ("train.optimizer", "adam")])
+def test_resume_with_a_mismatched_config_is_a_checkpoint_error(study, reference, tmp_path,
+                                                                field, value):
+  run = tmp_path / "seed_0"
+  shutil.copytree(reference, run)
+  metrics_before = (run / "metrics.jsonl").read_bytes()
+  config = study.config()
+  section, name = field.split(".")
+  old = config[section][name]
+  config[section][name] = value
+  with pytest.raises(CheckpointError) as err:
+    train.run(config, run)
+  message = str(err.value)
+  assert message == (f"{run / 'checkpoints'}: checkpoint was trained with {field}={old!r} but "
+                     f"the config asks for {value!r}; use a fresh --workdir or the original "
+                     "config")
+  assert _checkpoint_steps(run) == [3, 6, 9]
+  assert (run / "metrics.jsonl").read_bytes() == metrics_before
+
+
+def test_no_restorable_checkpoint_is_a_checkpoint_error(study, reference, tmp_path, caplog):
+  run = tmp_path / "seed_0"
+  shutil.copytree(reference, run)
+  for step in _checkpoint_steps(run):
+    _corrupt(run / "checkpoints" / str(step), "delete")
+  caplog.set_level(logging.WARNING)
+  with pytest.raises(CheckpointError, match=r"no restorable checkpoint \(steps \[9, 6, 3\]"):
+    train.run(study.config(), run)
+  assert _checkpoint_steps(run) == [3, 6, 9]  # nothing deleted, nothing overwritten
+  warned = {r.getMessage().split(" is corrupt")[0] for r in caplog.records
+            if "is corrupt" in r.getMessage()}
+  assert warned == {f"checkpoint step {s}" for s in (3, 6, 9)}
+
+
+# ---------------------------------------------------------------------------
+# 3. The malformed-input corpus in the batch commands
+
+
+@pytest.fixture(scope="module")
+def corpus(study: Study) -> dict[str, Any]:
+  scans = malformed.write_scan_corpus(study.root / "corpus", study.manifest.parent /
+                                      "s00_flair.nii.gz")
+  manifests = malformed.write_manifest_corpus(study.root / "corpus_manifests",
+                                              study.manifest.parent / "s00_flair.nii.gz")
+  return {"scans": scans, "manifests": manifests}
+
+
+@pytest.fixture
+def unreadable(corpus, monkeypatch) -> None:
+  """The unreadable case is chmod 000; root reads it anyway, so deny it here."""
+  denied = malformed.unreadable_paths(corpus["scans"])
+  real_access = os.access
+
+  def access(path, mode, **kwargs):
+    return False if os.fspath(path) in denied else real_access(path, mode, **kwargs)
+
+  monkeypatch.setattr(os, "access", access)
+
+
+def test_corpus_has_at_least_15_kinds(corpus):
+  kinds = [c.kind for c in corpus["scans"]] + [c.kind for c in corpus["manifests"]]
+  assert len(set(kinds)) == len(kinds) >= 15
+  assert len(kinds) == 27
+
+
+def _partial_files(folder: Path) -> list[str]:
+  """Temp files (hidden or ``*.tmp``) anywhere under ``folder``."""
+  return [str(p) for p in folder.rglob("*") if p.name.startswith(".") or ".tmp" in p.name]
+
+
+@pytest.mark.filterwarnings("ignore:pixdim")
+def test_cache_reports_each_bad_scan_and_keeps_the_others(study, corpus, unreadable, tmp_path,
+                                                          capsys):
+  data = study.manifest.parent
+  good = [{"subject_id": f"g{i}", "scan_id": f"good{i}",
+           "image": str(data / f"s0{i}_flair.nii.gz"), "mask": str(data / f"s0{i}_wmh.nii.gz")}
+          for i in (1, 2)]
+  bad = [{"subject_id": c.kind, "scan_id": c.kind, "image": str(c.image),
+          "mask": str(c.mask) if c.mask else ""} for c in corpus["scans"]]
+  folder = tmp_path / "cache"
+  spec = records.preprocess_spec(study.config())
+  got, failures = cache.preprocessed_records([good[0], *bad, good[1]], spec, folder, workers=1)
+  assert [r["scan_id"] for r in got] == ["good0", "good1"]
+  assert len(failures) == len(corpus["scans"])
+  for case, line in zip(corpus["scans"], failures):
+    assert line.startswith(f"{case.culprit}: ") and case.reason in line, (case.kind, line)
+    assert "\n" not in line
+  reported = [l for l in capsys.readouterr().err.splitlines() if l.startswith("skipped ")]
+  assert reported == [f"skipped {line}" for line in failures]
+  assert sorted(os.listdir(folder)) == sorted(Path(r["path"]).name for r in got)
+  for record in got:
+    with np.load(record["path"], allow_pickle=False) as entry:
+      assert entry["image"].shape == spec.shape and entry["mask"].shape == spec.shape
+
+
+@pytest.mark.filterwarnings("ignore:pixdim")
+def test_predict_reports_each_bad_scan_and_writes_the_others(reference, study, corpus,
+                                                             unreadable, tmp_path, capsys):
+  data = study.manifest.parent
+  cases = [c for c in corpus["scans"] if c.mask is None and c.kind != "folder"]
+  good = [str(data / "s01_flair.nii.gz"), str(data / "s02_flair.nii.gz")]
+  paths = [good[0], *(str(c.image) for c in cases), good[1]]
+  out = tmp_path / "preds"
+  assert predict.main([f"--checkpoints={reference}", f"--out={out}", *paths]) == 1
+  err = [line.split("\r")[-1] for line in capsys.readouterr().err.splitlines()]
+  column = f"{reference.parent.name}_{reference.name}_volume_ml"
+  with (out / predict.CSV_NAME).open() as f:
+    rows = list(csv.DictReader(f))
+  assert [r["path"] for r in rows] == paths
+  folders = [item.folder for item in predict.collect_inputs(paths)]
+  for row, folder in ((rows[0], folders[0]), (rows[-1], folders[-1])):
+    assert row["status"] == "ok" and np.isfinite(float(row[column]))
+    done = json.loads((out / folder / predict.DONE).read_text())
+    assert sorted(os.listdir(out / folder)) == sorted([predict.DONE, *done["files"]])
+  for case, row, folder in zip(cases, rows[1:-1], folders[1:-1]):
+    assert case.reason in row["status"] and "\n" not in row["status"], (case.kind, row)
+    assert row[column] == ""
+    assert [l for l in err if l.startswith(f"{case.image}: ")] == \
+        [f"{case.image}: {row['status']}"], case.kind
+    assert not (out / folder).exists(), case.kind
+  assert not _partial_files(out)
+
+
+def test_bad_manifests_stop_training_data_and_predict_with_one_line(reference, study, corpus,
+                                                                     tmp_path, capsys):
+  good = str(study.manifest.parent / "s01_flair.nii.gz")
+  for case in corpus["manifests"]:
+    with pytest.raises(ManifestError) as err:
+      records.load_records(case.path, study.config())
+    assert str(err.value).startswith(f"{case.path}: {case.reason}"), case.kind
+    assert "\n" not in str(err.value)
+    out = tmp_path / case.kind
+    assert predict.main([f"--checkpoints={reference}", f"--out={out}", good,
+                         str(case.path)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {err.value}", case.kind
+    assert not out.exists()
+
+
+def test_training_cli_reports_a_bad_manifest_on_one_line(runs: Runs):
+  assert runs.status["bad_manifest"] == 1
+  assert (f"error: {runs.bad_manifest}: row 2, column 'scan_id': duplicate scan_id 's00' "
+          "(first in row 1)") in runs.output["bad_manifest"].splitlines()
+
+
+# ---------------------------------------------------------------------------
+# 4. Determinism
+
+
+def test_same_seed_gives_identical_runs(runs: Runs):
+  assert runs.status["again"] == 0, runs.output["again"][-3000:]
+  _assert_same_run(runs.again, runs.reference)
+  for path in (runs.reference, runs.again):
+    lines = (path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == TOTAL_STEPS + EPOCHS  # one per step, one per validation
+
+
+# ---------------------------------------------------------------------------
+# 5. Non-finite loss
+
+
+def test_non_finite_loss_keeps_the_last_good_checkpoint_and_a_clean_log(runs: Runs):
+  assert runs.status["poisoned"] == 1
+  assert (f"error: {runs.poisoned}: non-finite loss nan at step {NAN_STEP}; stopped. "
+          "Last good checkpoint: step 3") in runs.output["poisoned"].splitlines()
+  records_ = [json.loads(line) for line in
+              (runs.poisoned / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records_ if "epoch" not in r] == list(range(1, NAN_STEP))
+  assert all(math.isfinite(v) for r in records_ for v in r.values())
+  assert _checkpoint_steps(runs.poisoned) == [3]
+  restored = checkpoint.restore_for_inference(runs.poisoned, "latest")
+  _, good = _restore_state(runs.reference, 3)
+  assert restored.step == 3
+  for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(good["params"]), strict=True):
+    assert np.array_equal(a, b)
+
+
+# ---------------------------------------------------------------------------
+# 6. Files: nothing unpickled, plain-data checkpoints, atomic writes
+
+
+UNPICKLERS = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve",
+              "marshal", "torch"}
+
+
+def test_package_never_unpickles():
+  offenders, np_loads = [], 0
+  for path in sorted((REPO / "wmh_jax").rglob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+      where = f"{path.relative_to(REPO)}:{getattr(node, 'lineno', 0)}"
+      if isinstance(node, ast.Import):
+        offenders += [where for a in node.names if a.name.split(".")[0] in UNPICKLERS]
+      elif isinstance(node, ast.ImportFrom):
+        offenders += [where] if (node.module or "").split(".")[0] in UNPICKLERS else []
+      elif isinstance(node, ast.Call):
+        func = ast.unparse(node.func)
+        np_loads += func in ("np.load", "numpy.load")
+        if func.endswith(("read_pickle", "pickle.load", "pickle.loads")):
+          offenders.append(where)
+        for keyword in node.keywords:
+          if keyword.arg == "allow_pickle" and not (
+              isinstance(keyword.value, ast.Constant) and keyword.value.value is False):
+            offenders.append(where)
+  assert not offenders
+  assert np_loads >= 3  # the scan sees the cache readers (np.load's default: no pickles)
+
+
+def _plain_kind(path: Path) -> str | None:
+  """What a checkpoint file holds, if it is plain data: json, text, ocdbt or zstd."""
+  raw = path.read_bytes()
+  if raw.startswith(b"\x0c\xdb"):
+    return "ocdbt"
+  if raw.startswith(b"\x28\xb5\x2f\xfd"):
+    return "zstd"
+  if path.name == "commit_success.txt":
+    return "text"
+  try:
+    json.loads(raw)
+    return "json"
+  except ValueError:
+    return None
+
+
+def test_checkpoints_and_config_are_plain_data(study, reference):
+  for step in _checkpoint_steps(reference):
+    folder = reference / "checkpoints" / str(step)
+    kinds = {str(p.relative_to(folder)): _plain_kind(p) for p in folder.rglob("*") if p.is_file()}
+    assert None not in kinds.values(), kinds
+    assert kinds["config/metadata"] == kinds["data_iter/process_0-of-1.json"] == "json"
+    stored = json.loads((folder / "config" / "metadata").read_text())
+    config = study.config()
+    assert stored == json.loads(config.to_json())
+    assert ml_collections.ConfigDict(stored).model.to_dict() == config.model.to_dict()
+  entry = next(study.cache_dir.glob("*.npz"))
+  with np.load(entry, allow_pickle=False) as data:
+    assert all(data[name].dtype != object for name in data.files)
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_save_nifti_leaves_no_partial_file(tmp_path, monkeypatch, error):
+  old = tmp_path / "map.nii.gz"
+  nifti.save_nifti(old, np.ones((4, 4, 4), np.float32), np.eye(4))
+  before = old.read_bytes()
+
+  def broken_save(img, filename):
+    Path(filename).write_bytes(b"\x1f\x8b half a file")
+    raise error
+
+  monkeypatch.setattr(nifti.nib, "save", broken_save)
+  for target in (old, tmp_path / "new.nii"):
+    with pytest.raises(type(error)):
+      nifti.save_nifti(target, np.zeros((4, 4, 4), np.float32), np.eye(4))
+  assert old.read_bytes() == before
+  assert os.listdir(tmp_path) == ["map.nii.gz"]
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_write_manifest_leaves_no_partial_file(tmp_path, error):
+  class Exploding:
+    def __str__(self) -> str:
+      raise error
+
+  rows = [{"subject_id": "s1", "scan_id": "a", "image": str(tmp_path / "a.nii.gz")}]
+  target = tmp_path / "manifest.csv"
+  manifest.write_manifest(target, rows)
+  before = target.read_bytes()
+  for path in (target, tmp_path / "new.csv"):
+    with pytest.raises(type(error)):
+      manifest.write_manifest(path, rows + [{**rows[0], "scan_id": "b", "site": Exploding()}])
+  assert target.read_bytes() == before
+  assert os.listdir(tmp_path) == ["manifest.csv"]
+
+
+def test_resumed_metrics_log_drops_torn_and_later_lines(tmp_path):
+  lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 6)]
+  for name in ("metrics.jsonl", "timing.jsonl"):
+    (tmp_path / name).write_text("\n".join(lines) + '\n{"step": 6, "lo')  # killed mid-write
+  logger = logs.MetricLogger(tmp_path, start_step=4, total_steps=9, batch_size=4)
+  logger.close()
+  for name in ("metrics.jsonl", "timing.jsonl"):
+    assert (tmp_path / name).read_text() == "\n".join(lines[:4]) + "\n"
+  assert not _partial_files(tmp_path)
