@@ -74,7 +74,6 @@ import os
 import re
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -83,7 +82,7 @@ import numpy as np
 import tqdm
 from jax.sharding import Mesh
 
-from wmh_jax import checkpoint, inference, models as models_lib, sharding
+from wmh_jax import checkpoint, fileio, inference, models as models_lib, sharding
 from wmh_jax.data import manifest, nifti, records
 from wmh_jax.errors import CheckpointError, WMHError
 from wmh_jax.evaluation import attention as attention_lib
@@ -373,18 +372,6 @@ def save_native(path: Path, model_map: np.ndarray, geometry: nifti.Geometry, ord
   nifti.save_nifti(path, native, geometry.native_affine)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-  """Writes ``text`` to ``path`` via a temp file in the same folder and os.replace."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
 def csv_columns(groups: dict[str, list[Model]]) -> list[str]:
   """volumes.csv header for these model groups (see module docstring)."""
   columns = ["scan_id", "path", "status"]
@@ -428,7 +415,7 @@ def write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict[str, Any]]
   writer.writerow(columns)
   for row in rows:
     writer.writerow([_format(row.get(c)) for c in columns])
-  _atomic_write(path, buffer.getvalue())
+  fileio.atomic_write_text(path, buffer.getvalue())
 
 
 # ---------------------------------------------------------------------------
@@ -547,7 +534,7 @@ def predict(inputs: Sequence[ScanInput], models: Sequence[Model], out_dir: Path,
       folder.mkdir(exist_ok=True)
       files = _write_maps(folder, groups, ensembles, geometries)
       row.update(values, status="ok")
-      _atomic_write(folder / DONE, json.dumps(
+      fileio.atomic_write_text(folder / DONE, json.dumps(
           {"row": row, "files": files, "signature": signature}, indent=1))
       rows.append(row)
       write_csv(out_dir / CSV_NAME, columns, rows)

@@ -32,13 +32,13 @@ import multiprocessing
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import tqdm
 
+from wmh_jax import fileio
 from wmh_jax.data import nifti
 from wmh_jax.errors import WMHError
 
@@ -74,14 +74,8 @@ def _entry_path(row: dict, spec: nifti.PreprocessSpec, cache_dir: Path) -> Path:
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
   """Writes an uncompressed ``.npz`` atomically (temp file in the same folder, rename)."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  with fileio.atomic_path(path) as tmp, tmp.open("wb") as f:
+    np.savez(f, **arrays)
 
 
 def _build_entry(row: dict, spec: nifti.PreprocessSpec, out: Path) -> str | None:

@@ -58,7 +58,6 @@ import multiprocessing
 import os
 import shutil
 import sys
-import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -67,6 +66,7 @@ from typing import Any, BinaryIO, Callable, Mapping, Sequence
 import numpy as np
 import scipy.ndimage as ndi
 
+from wmh_jax import fileio
 from wmh_jax.data import manifest, nifti
 
 CODE_VERSION = 5  # bump whenever generated files change
@@ -313,16 +313,8 @@ def load_template(cache_path: str | os.PathLike | None = None) -> Template:
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
   """Calls ``write(file)`` on a temp file next to ``path``, then renames it (mode 644)."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  with fileio.atomic_path(path) as tmp, tmp.open("wb") as f:
+    write(f)
 
 
 def _ramp(u: np.ndarray, width_mm: float) -> np.ndarray:

@@ -39,12 +39,12 @@ import glob
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from wmh_jax import fileio
 from wmh_jax.data import nifti
 from wmh_jax.errors import InputError, ManifestError
 
@@ -224,17 +224,11 @@ def write_manifest(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> N
   folder = Path(os.path.abspath(path.parent))
   folder.mkdir(parents=True, exist_ok=True)
   columns = _columns(rows)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-      writer = csv.writer(f)
-      writer.writerow(columns)
-      for row in rows:
-        writer.writerow([_format(row.get(c), c, folder) for c in columns])
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  with fileio.atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
+    writer = csv.writer(f)
+    writer.writerow(columns)
+    for row in rows:
+      writer.writerow([_format(row.get(c), c, folder) for c in columns])
 
 
 # ---------------------------------------------------------------------------

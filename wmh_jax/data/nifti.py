@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import numpy as np
 import scipy.ndimage
 import scipy.sparse
 
+from wmh_jax import fileio
 from wmh_jax.errors import InputError
 
 MAX_DIM = 2048                 # voxels along one axis
@@ -350,16 +350,9 @@ def save_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray) ->
   img.set_sform(img.affine, code=1)
   img.set_qform(img.affine, code=1)
   img.header.set_xyzt_units("mm")
-  path.parent.mkdir(parents=True, exist_ok=True)
   suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-  os.close(fd)
-  try:
+  with fileio.atomic_path(path, suffix=suffix) as tmp:
     nib.save(img, tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
 
 
 # ---------------------------------------------------------------------------

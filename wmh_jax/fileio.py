@@ -1,0 +1,36 @@
+"""Atomic file writes: every output appears whole or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+  """Yields a temporary path next to ``path``; renames it over ``path`` on success.
+
+  The temp file lives in the same folder (so ``os.replace`` is atomic), gets
+  mode 0644, and is removed if the body raises. ``suffix`` lets writers that
+  choose a format from the file name (nibabel: ``.nii.gz``) see the right one.
+  """
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+  os.close(fd)
+  try:
+    yield Path(tmp)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+  except BaseException:
+    Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+  """Writes ``text`` (UTF-8) to ``path`` atomically."""
+  with atomic_path(path) as tmp:
+    tmp.write_text(text, encoding="utf-8")
