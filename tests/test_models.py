@@ -90,6 +90,11 @@ def test_volume_bias_init():
   np.testing.assert_allclose(
       out["volume"], 2.0 * features.mean(axis=(1, 2, 3)) @ weights + 0.3,
       rtol=1e-6)
+  zero = models.VolumeHead(volume_bias_init=0.3, zero_init_kernel=True)
+  out = zero.apply(jax.jit(zero.init)(jax.random.key(1, impl="rbg"), features),
+                   features)
+  np.testing.assert_array_equal(out["volume"], np.float32([0.3, 0.3]))
+  np.testing.assert_array_equal(out["attention"], 0.0)
 
 
 def test_params_and_outputs_identical_across_conv_impls():

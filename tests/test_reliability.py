@@ -4,18 +4,18 @@ loss, plain-data files and atomic writes.
 
 Training runs go through the real CLI (``python -m wmh_jax.main``) in
 subprocesses that share one XLA compilation cache, so only the first run
-compiles. The runs of one phase start together; the test process watches
-their workdirs and signals them mid-run:
+compiles. Two interrupted lineages run side by side; the test process
+watches their workdirs and signals them mid-run:
 
 * ``reference``: uninterrupted, 3 epochs (9 steps, checkpoints at 3, 6, 9);
-* ``again``: the same, a second time (determinism);
-* ``killed``: SIGKILL once checkpoint 3 exists and step 4 is logged, then resumed;
-* ``stopped``: SIGTERM once step 4 is logged, then resumed;
-* ``poisoned``: a NaN batch at step 5 (``train.debug_nan_step``);
-* ``corrupt``: a copy of ``reference`` with checkpoint 9 truncated, resumed.
+* ``stopped``: SIGTERM once step 4 is logged; then resumed to the end;
+* ``killed``: a NaN batch at step 5 (``train.debug_nan_step``) stops it; resumed
+  and SIGKILLed once checkpoint 6 exists and step 7 is logged; checkpoint 6 is
+  then truncated, and the last resume falls back to step 3 and runs to the end.
 
-The runs use the ``native`` convolution (it compiles fastest on CPU; what is
-tested does not depend on it).
+Both lineages must end bitwise equal to ``reference`` (so one seed gives one
+result whatever the interruptions). The runs use a 1-level U-Net with the
+``native`` convolution, which compiles fastest on CPU.
 
 Covered elsewhere (not repeated here): 0 vs 2 loader workers give identical
 batches (tests/test_pipeline.py::test_worker_count_does_not_change_batches);
@@ -74,9 +74,10 @@ class Study:
   env: dict[str, str]
 
   def config(self) -> ml_collections.ConfigDict:
-    """The config the CLI runs use (tests/tiny_experiment.py, native conv, 3 epochs)."""
+    """The config of the CLI runs: tests/tiny_experiment.py, 1-level native U-Net, 3 epochs."""
     config = tiny_data.tiny_config(self.manifest, self.cache_dir)
     config.model.conv_impl = "native"
+    config.model.depth = 1
     config.train.num_epochs = EPOCHS
     return config
 
@@ -96,18 +97,22 @@ class Launch:
 
 @dataclasses.dataclass
 class Runs:
-  """What the CLI runs did (see the module docstring); runs are ``seed_0`` folders."""
+  """What the CLI runs did (see the module docstring); runs are ``seed_0`` folders.
+
+  ``status`` and ``output`` are keyed by leg: ``stopped``, ``stopped_resumed``,
+  ``poisoned``, ``killed``, ``killed_resumed``. ``after`` holds each leg's
+  finished checkpoint steps and logged steps when it ended.
+  """
   reference: Path
-  again: Path
-  killed: Path
   stopped: Path
-  poisoned: Path
-  corrupt: Path
+  killed: Path
   status: dict[str, int]
   output: dict[str, str]
-  at_kill: dict[str, list[int]]     # checkpoint steps and logged steps after SIGKILL
-  term_sent_after_step: int | None  # last logged step when SIGTERM was sent
-  at_stop: dict[str, list[int]]     # checkpoint steps and logged steps after SIGTERM
+  after: dict[str, dict[str, list[int]]]
+  term_sent_after_step: int | None   # last logged step when SIGTERM was sent
+  poisoned_metrics: str              # metrics.jsonl when the NaN stopped the run
+  poisoned_latest: checkpoint.RestoredRun
+  killed_state_6: dict[str, Any]     # checkpoint 6 of the killed leg, before truncation
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +138,7 @@ def _launch(study: Study, name: str, *overrides: str, workdir: Path | None = Non
              f"--config.data.manifest={study.manifest}",
              f"--config.data.cache_dir={study.cache_dir}",
              f"--config.train.num_epochs={EPOCHS}", "--config.model.conv_impl=native",
+             "--config.model.depth=1",
              f"--workdir={workdir}", *overrides]
   with log.open("w") as out:
     proc = subprocess.Popen(command, cwd=REPO, env=study.env, stdout=out,
@@ -206,43 +212,46 @@ def reference(study: Study) -> Path:
   return launch.run
 
 
+def _state_of(run: Path) -> dict[str, list[int]]:
+  return {"checkpoints": _checkpoint_steps(run), "logged": _logged_steps(run)}
+
+
 @pytest.fixture(scope="module")
 def runs(study: Study, reference: Path) -> Runs:
-  # Phase 1: interrupted runs, a second reference, a poisoned run.
-  launches = {
-      "again": _launch(study, "again"),
-      "killed": _launch(study, "killed"),
-      "stopped": _launch(study, "stopped"),
-      "poisoned": _launch(study, "poisoned", f"--config.train.debug_nan_step={NAN_STEP - 1}"),
-  }
-  sent = _signal_when({
-      "killed": (launches["killed"], signal.SIGKILL,
-                 lambda run: 3 in _checkpoint_steps(run) and max(_logged_steps(run)) >= 4),
-      "stopped": (launches["stopped"], signal.SIGTERM,
-                  lambda run: max(_logged_steps(run), default=0) >= 4),
-  })
-  status, output = {}, {}
-  for name, launch in launches.items():
-    status[name], output[name] = launch.finish()
-  killed, stopped = launches["killed"].run, launches["stopped"].run
-  at_kill = {"checkpoints": _checkpoint_steps(killed), "logged": _logged_steps(killed)}
-  at_stop = {"checkpoints": _checkpoint_steps(stopped), "logged": _logged_steps(stopped)}
+  status, output, after = {}, {}, {}
 
-  print("TIMING phase1 done", time.time() - T0, file=sys.stderr)
-  # Phase 2: resume the interrupted runs and a copy of the reference with a corrupt step 9.
-  corrupt = study.root / "corrupt" / "seed_0"
-  shutil.copytree(reference, corrupt)
-  _corrupt(corrupt / "checkpoints" / str(TOTAL_STEPS), "truncate")
-  resumes = {"killed_resumed": _launch(study, "killed"),
-             "stopped_resumed": _launch(study, "stopped"),
-             "corrupt_resumed": _launch(study, "corrupt")}
-  for name, launch in resumes.items():
+  def finish(name: str, launch: Launch) -> None:
     status[name], output[name] = launch.finish()
-  print("TIMING phase2 done", time.time() - T0, file=sys.stderr)
-  return Runs(reference=reference, again=launches["again"].run, killed=killed,
-              stopped=stopped, poisoned=launches["poisoned"].run, corrupt=corrupt,
-              status=status, output=output, at_kill=at_kill,
-              term_sent_after_step=sent.get("stopped"), at_stop=at_stop)
+    after[name] = _state_of(launch.run)
+
+  # Phase 1: SIGTERM mid-epoch | a NaN loss at step 5.
+  stopped = _launch(study, "stopped")
+  poisoned = _launch(study, "killed", f"--config.train.debug_nan_step={NAN_STEP - 1}")
+  sent = _signal_when({"stopped": (stopped, signal.SIGTERM,
+                                   lambda run: max(_logged_steps(run), default=0) >= 4)})
+  finish("stopped", stopped)
+  finish("poisoned", poisoned)
+  poisoned_metrics = (poisoned.run / "metrics.jsonl").read_text()
+  poisoned_latest = checkpoint.restore_for_inference(poisoned.run, "latest")
+
+  # Phase 2: resume the stopped run to the end | resume the NaN run and SIGKILL it.
+  stopped_resumed = _launch(study, "stopped")
+  killed = _launch(study, "killed")
+  _signal_when({"killed": (killed, signal.SIGKILL, lambda run: 6 in _checkpoint_steps(run)
+                           and max(_logged_steps(run)) >= 7)})
+  finish("killed", killed)
+  _, killed_state_6 = _restore_state(killed.run, 6)
+
+  # Phase 3: truncate the killed run's newest checkpoint (6) and resume it to the end.
+  _corrupt(killed.run / "checkpoints" / "6", "truncate")
+  killed_resumed = _launch(study, "killed")
+  finish("stopped_resumed", stopped_resumed)
+  finish("killed_resumed", killed_resumed)
+  print("TIMING runs done", time.time() - T0, file=sys.stderr)
+  return Runs(reference=reference, stopped=stopped.run, killed=killed.run, status=status,
+              output=output, after=after, term_sent_after_step=sent.get("stopped"),
+              poisoned_metrics=poisoned_metrics, poisoned_latest=poisoned_latest,
+              killed_state_6=killed_state_6)
 
 
 # ---------------------------------------------------------------------------
@@ -263,19 +272,24 @@ def _restore_state(run: Path, step: int | None = None) -> tuple[int, dict[str, A
   return step, jax.tree.map(np.asarray, restored)
 
 
-def _assert_same_run(run: Path, reference: Path) -> None:
-  """Latest checkpoint (every state leaf), iterator state and logs are bitwise equal."""
-  step, state = _restore_state(run)
-  ref_step, ref_state = _restore_state(reference)
-  assert step == ref_step == TOTAL_STEPS
+def _assert_same_state(state: dict[str, Any], reference: dict[str, Any]) -> None:
+  """Every leaf of two train states (step, params, opt_state, rng) is bitwise equal."""
   assert set(state) == {"step", "params", "opt_state", "rng"}
   leaves = jax.tree.leaves_with_path(state)
-  ref_leaves = jax.tree.leaves_with_path(ref_state)
+  ref_leaves = jax.tree.leaves_with_path(reference)
   assert [path for path, _ in leaves] == [path for path, _ in ref_leaves]
   differ = [jax.tree_util.keystr(path) for (path, a), (_, b) in zip(leaves, ref_leaves)
             if a.dtype != b.dtype or not np.array_equal(a, b)]
   assert not differ, differ
   assert len(jax.tree.leaves(state["opt_state"])) == 2 * len(jax.tree.leaves(state["params"]))
+
+
+def _assert_same_run(run: Path, reference: Path) -> None:
+  """Latest checkpoint (every state leaf), iterator state and logs are bitwise equal."""
+  step, state = _restore_state(run)
+  ref_step, ref_state = _restore_state(reference)
+  assert step == ref_step == TOTAL_STEPS
+  _assert_same_state(state, ref_state)
   iterator = f"checkpoints/{TOTAL_STEPS}/data_iter/process_0-of-1.json"
   for name in ("metrics.jsonl", "final_metrics.json", iterator):
     assert (run / name).read_bytes() == (reference / name).read_bytes(), name
@@ -285,31 +299,39 @@ def _assert_same_run(run: Path, reference: Path) -> None:
 # 1. Kill and resume
 
 
-def test_sigkill_mid_run_then_resume_is_bitwise_exact(runs: Runs):
-  assert runs.status["killed"] == -signal.SIGKILL, runs.output["killed"][-3000:]
-  latest = max(runs.at_kill["checkpoints"])
-  assert 3 <= latest < TOTAL_STEPS
-  # The kill left metrics past the last checkpoint: the resume must drop them.
-  assert max(runs.at_kill["logged"]) > latest
-  assert runs.status["killed_resumed"] == 0, runs.output["killed_resumed"][-3000:]
-  assert f"resumed {runs.killed} at step {latest}" in runs.output["killed_resumed"]
-  _assert_same_run(runs.killed, runs.reference)
-
-
 def test_sigterm_saves_a_final_checkpoint_then_resume_is_bitwise_exact(runs: Runs):
   assert runs.status["stopped"] == 0, runs.output["stopped"][-3000:]
   assert '"preempted": 1.0' in runs.output["stopped"]
   sent = runs.term_sent_after_step
   assert sent is not None, "the run ended before SIGTERM could be sent"
-  latest = max(runs.at_stop["checkpoints"])
+  latest = max(runs.after["stopped"]["checkpoints"])
   # Saved at the step in flight when the signal came (the next one at most) ...
-  assert latest == max(runs.at_stop["logged"]) and latest in (sent, sent + 1)
+  assert latest == max(runs.after["stopped"]["logged"]) and latest in (sent, sent + 1)
   # ... which is not an epoch end: the signal came after step 4 (epochs end at 3, 6, 9).
   assert latest % STEPS_PER_EPOCH != 0
   assert f"SIGTERM: saved step {latest}" in runs.output["stopped"]
   assert runs.status["stopped_resumed"] == 0, runs.output["stopped_resumed"][-3000:]
   assert f"resumed {runs.stopped} at step {latest}" in runs.output["stopped_resumed"]
   _assert_same_run(runs.stopped, runs.reference)
+
+
+def test_sigkill_mid_run_leaves_exact_checkpoints(runs: Runs):
+  assert runs.status["killed"] == -signal.SIGKILL, runs.output["killed"][-3000:]
+  assert f"resumed {runs.killed} at step 3" in runs.output["killed"]
+  at_kill = runs.after["killed"]
+  assert max(at_kill["checkpoints"]) == 6
+  assert max(at_kill["logged"]) > 6  # logged past the last checkpoint: resume drops them
+  _, reference_6 = _restore_state(runs.reference, 6)
+  _assert_same_state(runs.killed_state_6, reference_6)
+
+
+def test_resume_after_sigkill_and_a_corrupt_latest_checkpoint_is_bitwise_exact(runs: Runs):
+  output = runs.output["killed_resumed"]
+  assert runs.status["killed_resumed"] == 0, output[-3000:]
+  assert "checkpoint step 6 is corrupt (" in output
+  assert "deleting corrupt checkpoint step 6; resuming from step 3" in output
+  assert f"resumed {runs.killed} at step 3" in output
+  _assert_same_run(runs.killed, runs.reference)
 
 
 # ---------------------------------------------------------------------------
@@ -331,15 +353,6 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(reference, tmp_path
   _, good = _restore_state(reference, 2 * STEPS_PER_EPOCH)
   for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(good["params"]), strict=True):
     assert np.array_equal(a, b)
-
-
-def test_resume_from_corrupt_latest_falls_back_and_rewrites_it(runs: Runs):
-  output = runs.output["corrupt_resumed"]
-  assert runs.status["corrupt_resumed"] == 0, output[-3000:]
-  assert f"checkpoint step {TOTAL_STEPS} is corrupt" in output
-  assert f"deleting corrupt checkpoint step {TOTAL_STEPS}; resuming from step 6" in output
-  assert f"resumed {runs.corrupt} at step 6" in output
-  _assert_same_run(runs.corrupt, runs.reference)
 
 
 def _restore_latest(study: Study, config: ml_collections.ConfigDict, run: Path) -> dict | None:
@@ -366,7 +379,7 @@ def _restore_latest(study: Study, config: ml_collections.ConfigDict, run: Path) 
 
 
 @pytest.mark.parametrize("field, value", [
-    ("model.kind", "strong"), ("model.base_filters", 4), ("model.depth", 1),
+    ("model.kind", "strong"), ("model.base_filters", 4), ("model.depth", 2),
     ("train.optimizer", "adam")])
 def test_resume_with_a_mismatched_config_is_a_checkpoint_error(study, reference, tmp_path,
                                                                 field, value):
@@ -506,12 +519,11 @@ def test_bad_manifests_stop_training_data_and_predict_with_one_line(reference, s
 # 4. Determinism
 
 
-def test_same_seed_gives_identical_runs(runs: Runs):
-  assert runs.status["again"] == 0, runs.output["again"][-3000:]
-  _assert_same_run(runs.again, runs.reference)
-  for path in (runs.reference, runs.again):
-    lines = (path / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == TOTAL_STEPS + EPOCHS  # one per step, one per validation
+def test_same_seed_gives_identical_metrics_logs(runs: Runs):
+  logs_ = [(run / "metrics.jsonl").read_bytes() for run in (runs.reference, runs.stopped,
+                                                            runs.killed)]
+  assert logs_[0] == logs_[1] == logs_[2]
+  assert len(logs_[0].splitlines()) == TOTAL_STEPS + EPOCHS  # one per step and validation
 
 
 # ---------------------------------------------------------------------------
@@ -520,17 +532,18 @@ def test_same_seed_gives_identical_runs(runs: Runs):
 
 def test_non_finite_loss_keeps_the_last_good_checkpoint_and_a_clean_log(runs: Runs):
   assert runs.status["poisoned"] == 1
-  assert (f"error: {runs.poisoned}: non-finite loss nan at step {NAN_STEP}; stopped. "
+  assert (f"error: {runs.killed}: non-finite loss nan at step {NAN_STEP}; stopped. "
           "Last good checkpoint: step 3") in runs.output["poisoned"].splitlines()
-  records_ = [json.loads(line) for line in
-              (runs.poisoned / "metrics.jsonl").read_text().splitlines()]
+  records_ = [json.loads(line) for line in runs.poisoned_metrics.splitlines()]
   assert [r["step"] for r in records_ if "epoch" not in r] == list(range(1, NAN_STEP))
   assert all(math.isfinite(v) for r in records_ for v in r.values())
-  assert _checkpoint_steps(runs.poisoned) == [3]
-  restored = checkpoint.restore_for_inference(runs.poisoned, "latest")
+  reference_lines = (runs.reference / "metrics.jsonl").read_text().splitlines()
+  assert runs.poisoned_metrics.splitlines() == reference_lines[:len(records_)]
+  assert runs.after["poisoned"]["checkpoints"] == [3]
+  assert runs.poisoned_latest.step == 3
   _, good = _restore_state(runs.reference, 3)
-  assert restored.step == 3
-  for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(good["params"]), strict=True):
+  for a, b in zip(jax.tree.leaves(runs.poisoned_latest.params), jax.tree.leaves(good["params"]),
+                  strict=True):
     assert np.array_equal(a, b)
 
 

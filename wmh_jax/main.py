@@ -11,7 +11,6 @@ stderr and exit status 1.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -71,7 +70,8 @@ def main(argv: list[str]) -> None:
       results[seed] = train.train_and_evaluate(config, Path(FLAGS.workdir) / f"seed_{seed}")
     except WMHError as err:  # bad input, checkpoint or loss: one line, exit status 1
       sys.exit(f"error: {err}")
-    print(f"seed {seed}: " + json.dumps(results[seed]), flush=True)
+    print(f"seed {seed}: final validation " + ", ".join(
+        f"{k}={v:.4f}" for k, v in results[seed].items()), flush=True)
 
 
 if __name__ == "__main__":

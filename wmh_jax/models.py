@@ -114,6 +114,12 @@ class VolumeHead(nn.Module):
   so that `attention.mean(axis=(1, 2, 3)) + bias == volume` exactly (up to
   float rounding): the attention map is the Dense weights applied to the
   decoded feature maps before pooling (paper §2.2).
+
+  Attributes:
+    pool_scale: s above (1.0 = paper).
+    volume_bias_init: initial bias, scaled target units.
+    zero_init_kernel: start W at 0 (volume == bias for every scan at step 0)
+      instead of LeCun-normal.
   """
   pool_scale: float = 1.0
   volume_bias_init: float = 0.0
@@ -161,8 +167,8 @@ class GPUNet(nn.Module):
     del train
     features = UNetBody(self.base_filters, self.depth, self.conv_impl,
                         name="body")(image)
-    return VolumeHead(self.pool_scale, self.volume_bias_init, self.zero_init_volume_head,
-                      name="volume_head")(features)
+    return VolumeHead(self.pool_scale, self.volume_bias_init,
+                      self.zero_init_volume_head, name="volume_head")(features)
 
 
 class UNetSegmenter(nn.Module):
@@ -195,8 +201,8 @@ class JointNet(nn.Module):
     del train
     features = UNetBody(self.base_filters, self.depth, self.conv_impl,
                         name="body")(image)
-    out = VolumeHead(self.pool_scale, self.volume_bias_init, self.zero_init_volume_head,
-                     name="volume_head")(features)
+    out = VolumeHead(self.pool_scale, self.volume_bias_init,
+                     self.zero_init_volume_head, name="volume_head")(features)
     out["seg_prob"] = SegHead(name="seg_head")(features)
     return out
 
@@ -237,16 +243,16 @@ def build_model(model_config: ml_collections.ConfigDict, *,
                      f"{model_config.depth} and {model_config.base_filters}")
   body = dict(base_filters=model_config.base_filters, depth=model_config.depth,
               conv_impl=model_config.conv_impl)
+  head = dict(pool_scale=model_config.pool_scale,
+              volume_bias_init=volume_bias_init,
+              zero_init_volume_head=model_config.get("zero_init_volume_head",
+                                                     False))
   if kind == "weak":
-    return GPUNet(**body, pool_scale=model_config.pool_scale,
-                  volume_bias_init=volume_bias_init,
-                  zero_init_volume_head=model_config.get("zero_init_volume_head", False))
+    return GPUNet(**body, **head)
   if kind == "strong":
     return UNetSegmenter(**body)
   if kind == "joint":
-    return JointNet(**body, pool_scale=model_config.pool_scale,
-                    volume_bias_init=volume_bias_init,
-                    zero_init_volume_head=model_config.get("zero_init_volume_head", False))
+    return JointNet(**body, **head)
   if kind == "severity":
     return SeverityNet(**body, pool_scale=model_config.pool_scale,
                        num_classes=model_config.num_severity_classes)

@@ -226,7 +226,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[State, 
     ckpt.wait()
     ckpt.close()
     logger.close()
+    timing = logger.timing_summary()
+    if timing:
+      logging.info("median step %.3f s, data wait %.1f%% of step time",
+                   timing["median_step_time_s"], 100 * timing["data_wait_share"])
   if not last_val:  # resumed a finished run: report the stored best
     last_val = json.loads((workdir / "final_metrics.json").read_text())
-  (workdir / "final_metrics.json").write_text(json.dumps(last_val, indent=2))
+  if jax.process_index() == 0:
+    (workdir / "final_metrics.json").write_text(json.dumps(last_val, indent=2))
   return state, last_val

@@ -1,0 +1,245 @@
+"""Training-step timings: the project's JAX step and the PyTorch reference.
+
+Both sides train the same net (``wmh_jax.models`` GP-Unet for 'weak', U-Net
+for 'strong') on the same synthetic batch: forward + backward + Adadelta,
+batch 4. The JAX step is ``wmh_jax.train.make_train_step`` (jit of
+shard_map, state donated) on a one-device mesh, so the figures are per chip;
+it is compiled ahead of time, which also yields XLA's FLOP count and memory
+estimate. PyTorch (``bench.torch_reference``, imported only when asked for)
+runs eagerly with ``torch.set_num_threads(os.cpu_count())``, on CUDA when
+available.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from bench import report
+from wmh_jax import configs, conv, models, sharding, train
+
+BATCH = 4
+# Named grids: "cpu" is the CPU-demo variant (56x64x16, 8 base filters),
+# "paper" the paper's (112x128x32, 32 base filters); see wmh_jax.configs.
+SHAPES = {"cpu": "cpu", "paper": None}
+TORCH_FORMATS = ("channels_last_3d", "contiguous")
+
+# Dense peak TFLOP/s per chip by device_kind substring (first match wins):
+# (bf16, tf32, fp32). None where the chip has no such figure.
+PEAK_TFLOPS: tuple[tuple[str, tuple[float | None, float | None, float | None]], ...] = (
+    ("h100 pcie", (756.0, 378.0, 51.0)),
+    ("h100", (989.4, 494.7, 66.9)),       # SXM
+    ("h200", (989.4, 494.7, 66.9)),
+    ("gh200", (989.4, 494.7, 66.9)),
+    ("a100", (312.0, 156.0, 19.5)),
+    ("l4", (121.0, 60.0, 30.3)),
+    ("tpu v6 lite", (918.0, None, None)),
+    ("tpu v5 lite", (197.0, None, None)),
+    ("tpu v5", (459.0, None, None)),      # v5p
+    ("tpu v4", (275.0, None, None)),
+)
+PEAK_NAMES = ("bf16", "tf32", "fp32")
+
+
+def bench_config(kind: str, shape_name: str) -> ml_collections.ConfigDict:
+  """The experiment config of ``kind`` at a named grid of `SHAPES`."""
+  if shape_name not in SHAPES:
+    raise ValueError(f"unknown shape {shape_name!r}; expected one of {tuple(SHAPES)}")
+  config = configs.get_config(SHAPES[shape_name])
+  config.model.kind = kind
+  config.train.batch_size = BATCH
+  return config
+
+
+def grid(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """``config.data.shape`` as ints (x, y, z)."""
+  return tuple(int(s) for s in config.data.shape)
+
+
+def synthetic_batch(shape: tuple[int, int, int], seed: int = 0) -> dict[str, np.ndarray]:
+  """A training batch of `BATCH` random scans in the pipeline's layout.
+
+  Returns:
+    ``image`` float32 (b, x, y, z, 1) in [0, 1), ``mask`` float32 {0, 1}
+    (2% foreground), ``volume_ml`` float32 (b,), ``severity`` int32 (b,),
+    ``has_mask`` float32 (b,) ones.
+  """
+  rng = np.random.default_rng(seed)
+  size = (BATCH, *shape, 1)
+  return {"image": rng.random(size, dtype=np.float32),
+          "mask": (rng.random(size) < 0.02).astype(np.float32),
+          "volume_ml": rng.uniform(1.0, 30.0, BATCH).astype(np.float32),
+          "severity": np.zeros(BATCH, np.int32),
+          "has_mask": np.ones(BATCH, np.float32)}
+
+
+@dataclasses.dataclass
+class StepResult:
+  """Timing of one framework's training step at one grid.
+
+  Attributes:
+    framework: 'JAX' or 'PyTorch (<memory format>)'.
+    kind: 'weak' or 'strong'.
+    shape: grid (x, y, z).
+    base_filters: filters of the full-resolution blocks.
+    params: number of scalar parameters.
+    output_shapes: model output name -> shape (batch `BATCH`).
+    warmup_s: the first (untimed-for-the-median) step, seconds.
+    times_s: the timed steps, seconds.
+    compile_s: JAX ahead-of-time compilation, seconds.
+    flops: XLA's FLOP count of one step (JAX only).
+    temp_bytes: XLA's temporary buffer estimate (JAX only).
+  """
+  framework: str
+  kind: str
+  shape: tuple[int, int, int]
+  base_filters: int
+  params: int
+  output_shapes: dict[str, tuple[int, ...]]
+  warmup_s: float
+  times_s: list[float]
+  compile_s: float | None = None
+  flops: float | None = None
+  temp_bytes: int | None = None
+
+  @property
+  def median_s(self) -> float:
+    """Median step time, seconds."""
+    return float(np.median(self.times_s))
+
+  @property
+  def volumes_per_s(self) -> float:
+    """Training throughput, scans per second."""
+    return BATCH / self.median_s
+
+
+def _cost_flops(compiled: Any) -> float | None:
+  """FLOPs from ``compiled.cost_analysis()`` (a dict, or a list of one dict)."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  flops = (analysis or {}).get("flops")
+  return float(flops) if flops and flops > 0 else None
+
+
+def peak_tflops(device_kind: str) -> dict[str, float] | None:
+  """Dense peak TFLOP/s of a chip ({'bf16': .., 'tf32': .., 'fp32': ..}), None if unknown."""
+  kind = device_kind.lower()
+  for key, peaks in PEAK_TFLOPS:
+    if key in kind:
+      return {name: value for name, value in zip(PEAK_NAMES, peaks) if value is not None}
+  return None
+
+
+class JaxStep:
+  """The project's compiled train step of one config, ready to time.
+
+  Building it initialises the state and compiles the step; :meth:`time`
+  then runs it. ``temp_bytes`` is known before anything runs, so a caller
+  can skip a step that would not fit in memory.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, batch: dict[str, np.ndarray]):
+    self.config = config
+    self.mesh = jax.make_mesh((1,), (sharding.DATA_AXIS,), devices=jax.devices()[:1])
+    self.model = models.build_model(config.model)
+    optimizer = train.make_optimizer(config.train)
+    host_state = train.init_state(self.model, optimizer, config.seed, grid(config))
+    self.params = models.count_params(host_state["params"])
+    self.output_shapes = {
+        name: tuple(out.shape) for name, out in jax.eval_shape(
+            lambda p, x: self.model.apply({"params": p}, x), host_state["params"],
+            jax.ShapeDtypeStruct(batch["image"].shape, jnp.float32)).items()}
+    self.state = sharding.replicate(host_state, self.mesh)
+    self.batch = sharding.global_batch(batch, self.mesh)
+    step = train.make_train_step(self.model, config, optimizer, self.mesh)
+    start = time.perf_counter()
+    self.compiled = step.lower(self.state, self.batch).compile()
+    self.compile_s = time.perf_counter() - start
+    self.flops = _cost_flops(self.compiled)
+    memory = self.compiled.memory_analysis()
+    self.temp_bytes = int(memory.temp_size_in_bytes) if memory is not None else None
+
+  def _run(self) -> None:
+    self.state, metrics = self.compiled(self.state, self.batch)
+    jax.block_until_ready((self.state, metrics))
+
+  def timed(self, repeats: int) -> StepResult:
+    """Warm-up step + ``repeats`` timed steps."""
+    warmup, times = report.measure(self._run, repeats)
+    return StepResult(framework="JAX", kind=self.config.model.kind, shape=grid(self.config),
+                      base_filters=int(self.config.model.base_filters), params=self.params,
+                      output_shapes=self.output_shapes, warmup_s=warmup, times_s=times,
+                      compile_s=self.compile_s, flops=self.flops, temp_bytes=self.temp_bytes)
+
+
+def torch_device() -> str | None:
+  """'cuda' when PyTorch sees a GPU; 'cpu' when JAX runs on CPU; else None.
+
+  Comparing a CPU PyTorch with JAX on an accelerator would say nothing, so
+  that case gets None (skip).
+  """
+  import torch  # pylint: disable=import-outside-toplevel
+  if torch.cuda.is_available():
+    return "cuda"
+  return "cpu" if jax.default_backend() == "cpu" else None
+
+
+def time_torch_step(config: ml_collections.ConfigDict, batch: dict[str, np.ndarray],
+                    memory_format: str, repeats: int, device: str) -> StepResult:
+  """Times the PyTorch reference of ``config.model`` on ``batch``.
+
+  Args:
+    config: from :func:`bench_config` (kind, base_filters, depth, volume scale).
+    batch: from :func:`synthetic_batch`.
+    memory_format: one of `TORCH_FORMATS`.
+    repeats: timed steps after one warm-up step.
+    device: 'cpu' or 'cuda' (see :func:`torch_device`).
+  """
+  import torch  # pylint: disable=import-outside-toplevel
+  from bench import torch_reference  # pylint: disable=import-outside-toplevel
+  if memory_format not in TORCH_FORMATS:
+    raise ValueError(f"unknown torch memory format {memory_format!r}; use {TORCH_FORMATS}")
+  torch.set_num_threads(os.cpu_count() or 1)
+  torch.manual_seed(config.seed)
+  kind, filters, depth = config.model.kind, config.model.base_filters, config.model.depth
+  layout = {"channels_last_3d": torch.channels_last_3d,
+            "contiguous": torch.contiguous_format}[memory_format]
+  model = torch_reference.build_model(kind, filters, depth).to(device, memory_format=layout)
+  image = torch.from_numpy(np.moveaxis(batch["image"], -1, 1)).to(device)
+  image = image.contiguous(memory_format=layout)
+  if kind == "weak":
+    target = torch.from_numpy(batch["volume_ml"] / config.data.volume_scale_ml).to(device)
+  else:
+    target = torch.from_numpy(batch["mask"][..., 0]).to(device)
+  step = torch_reference.make_train_step(model, kind, image, target)
+  warmup, times = report.measure(step, repeats)
+  with torch.device("meta"):
+    meta_outputs = torch_reference.build_model(kind, filters, depth)(
+        torch.empty(image.shape))
+  return StepResult(framework=f"PyTorch ({memory_format})", kind=kind, shape=grid(config),
+                    base_filters=int(filters), params=torch_reference.count_params(model),
+                    output_shapes={k: tuple(v.shape) for k, v in meta_outputs.items()},
+                    warmup_s=warmup, times_s=times)
+
+
+def check_same_net(jax_result: StepResult, torch_result: StepResult) -> None:
+  """Raises AssertionError unless both nets have equal parameter counts and output shapes."""
+  if jax_result.params != torch_result.params:
+    raise AssertionError(f"{jax_result.kind} {jax_result.shape}: JAX has {jax_result.params} "
+                         f"parameters, the PyTorch reference {torch_result.params}")
+  if jax_result.output_shapes != torch_result.output_shapes:
+    raise AssertionError(f"{jax_result.kind} {jax_result.shape}: output shapes differ: JAX "
+                         f"{jax_result.output_shapes}, PyTorch {torch_result.output_shapes}")
+
+
+def conv_formulation() -> str:
+  """The `wmh_jax.conv` formulation 'auto' resolves to on this backend."""
+  return conv.resolve_impl("auto")

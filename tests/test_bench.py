@@ -1,0 +1,153 @@
+"""bench/: PyTorch reference = Flax net, Markdown writer, timing.jsonl reader, CLI.
+
+No test here asserts a time. The PyTorch tests skip when the optional
+``bench`` extra (torch) is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bench import report, run, training
+from wmh_jax import models
+
+TINY_SHAPE = (16, 16, 8)
+
+
+def _tiny_config(kind: str):
+  config = training.bench_config(kind, "cpu")
+  config.data.shape = TINY_SHAPE
+  config.model.base_filters = 2
+  return config
+
+
+def _flax_params_and_shapes(config, batch: int) -> tuple[int, dict[str, tuple[int, ...]]]:
+  """Parameter count and output shapes of the Flax model, without computing anything."""
+  model = models.build_model(config.model)
+  image = jax.ShapeDtypeStruct((batch, *training.grid(config), 1), jnp.float32)
+  params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), image)["params"]
+  outputs = jax.eval_shape(lambda p, x: model.apply({"params": p}, x), params, image)
+  return models.count_params(params), {k: tuple(v.shape) for k, v in outputs.items()}
+
+
+@pytest.mark.parametrize("kind", ["weak", "strong"])
+@pytest.mark.parametrize("shape_name", ["tiny", "cpu", "paper"])
+def test_torch_reference_has_the_flax_parameter_count_and_outputs(kind, shape_name):
+  torch = pytest.importorskip("torch")
+  from bench import torch_reference
+  config = _tiny_config(kind) if shape_name == "tiny" else training.bench_config(kind, shape_name)
+  flax_params, flax_shapes = _flax_params_and_shapes(config, batch=2)
+  net = torch_reference.build_model(kind, config.model.base_filters, config.model.depth)
+  assert torch_reference.count_params(net) == flax_params
+  if shape_name == "tiny":
+    with torch.no_grad():
+      outputs = net(torch.rand(2, 1, *TINY_SHAPE))
+  else:
+    with torch.device("meta"):
+      outputs = torch_reference.build_model(kind, config.model.base_filters,
+                                            config.model.depth)(
+          torch.empty(2, 1, *training.grid(config)))
+  assert {k: tuple(v.shape) for k, v in outputs.items()} == flax_shapes
+
+
+@pytest.mark.parametrize("kind", ["weak", "strong"])
+def test_bench_steps_run_and_check_the_same_net(kind):
+  pytest.importorskip("torch")
+  config = _tiny_config(kind)
+  batch = training.synthetic_batch(TINY_SHAPE)
+  jax_result = training.JaxStep(config, batch).timed(repeats=1)
+  torch_result = training.time_torch_step(config, batch, "channels_last_3d", 1, "cpu")
+  training.check_same_net(jax_result, torch_result)
+  assert jax_result.flops and jax_result.flops > 0
+  assert len(jax_result.times_s) == len(torch_result.times_s) == 1
+  torch_result.params += 1
+  with pytest.raises(AssertionError, match="parameters"):
+    training.check_same_net(jax_result, torch_result)
+
+
+def test_markdown_table_and_report():
+  table = report.markdown_table(("a", "b|c"), [[1, "x"], [2.5, "y\nz"]])
+  assert table.splitlines() == ["| a | b\\|c |", "|---|---|", "| 1 | x |", "| 2.5 | y z |"]
+  with pytest.raises(ValueError, match="2 cells"):
+    report.markdown_table(("a",), [[1, 2]])
+  doc = report.Report("T", ["p"], [report.Section("S", table, ["n"])]).render()
+  assert doc.startswith("# T\n\n- p\n\n## S\n\n| a |")
+  assert doc.endswith("\n- n\n")
+
+
+def test_fmt():
+  assert report.fmt(None) == "—"
+  assert report.fmt(0.012345) == "0.0123"
+  assert report.fmt(123456.7) == "123,457"
+
+
+def test_read_data_wait_excludes_the_first_step(tmp_path):
+  lines = [json.dumps({"step": 1, "step_time_s": 30.0, "data_wait_s": 5.0})]
+  lines += [json.dumps({"step": s, "step_time_s": 2.0, "data_wait_s": w})
+            for s, w in [(2, 0.1), (3, 0.3), (4, 0.2)]]
+  lines += ['{"step": 5, "step_ti', json.dumps({"other": 1})]  # torn and foreign lines
+  path = tmp_path / "timing.jsonl"
+  path.write_text("\n".join(lines) + "\n")
+  wait = report.read_data_wait(path)
+  assert wait.steps == 3
+  assert wait.median_step_s == pytest.approx(2.0)
+  assert wait.median_wait_s == pytest.approx(0.2)
+  assert wait.wait_share == pytest.approx(0.6 / 6.0)
+  assert report.timing_files(tmp_path) == [path]
+  path.write_text(lines[0] + "\n")
+  with pytest.raises(ValueError, match="fewer than two"):
+    report.read_data_wait(path)
+
+
+def test_timing_files_of_a_seed_sweep(tmp_path):
+  for seed in (1, 0):
+    (tmp_path / f"seed_{seed}").mkdir()
+    (tmp_path / f"seed_{seed}" / "timing.jsonl").write_text("")
+  assert report.timing_files(tmp_path) == [tmp_path / "seed_0" / "timing.jsonl",
+                                           tmp_path / "seed_1" / "timing.jsonl"]
+  with pytest.raises(FileNotFoundError):
+    report.timing_files(tmp_path / "seed_0")
+
+
+def test_data_wait_section_without_and_with_a_workdir(tmp_path):
+  args = run.parse_args(["--quick", f"--out={tmp_path / 'r.md'}"])
+  suite = run.Suite(args, [])
+  suite.data_wait()
+  assert "no --train_workdir given" in (tmp_path / "r.md").read_text()
+  (tmp_path / "timing.jsonl").write_text(
+      "".join(json.dumps({"step": s, "step_time_s": 1.0, "data_wait_s": 0.05}) + "\n"
+              for s in range(1, 5)))
+  suite.args.train_workdir = tmp_path
+  suite.data_wait()
+  assert "| 3 | 1 | 0.05 | 5.0% |" in (tmp_path / "r.md").read_text()
+
+
+def test_parse_args():
+  args = run.parse_args(["--quick", "--out=x.md"])
+  assert (args.shapes, args.repeats, args.out) == (["cpu"], 2, Path("x.md"))
+  args = run.parse_args([])
+  assert args.shapes == ["cpu", "paper"] and args.kinds == ["weak", "strong"]
+  assert args.torch_formats == ["channels_last_3d", "contiguous"]
+  with pytest.raises(SystemExit):
+    run.parse_args(["--shapes=cpu,huge"])
+
+
+def test_peak_table():
+  assert training.peak_tflops("NVIDIA H200")["bf16"] == pytest.approx(989.4)
+  assert training.peak_tflops("NVIDIA H100 PCIe")["bf16"] == pytest.approx(756.0)
+  assert training.peak_tflops("TPU v5 lite") == {"bf16": 197.0}
+  assert training.peak_tflops("cpu") is None
+
+
+def test_phantom_is_a_brain_with_lesions():
+  from bench import host
+  image, mask = host.phantom((32, 32, 8), (1.4, 1.4, 4.2), seed=0)
+  assert image.dtype == mask.dtype == np.float32
+  assert 0 < mask.sum() < (image > 0).sum()
+  assert np.all(image[mask > 0] == 1.0)
