@@ -98,11 +98,15 @@ def available_memory_bytes() -> int | None:
   return None
 
 
-def _load() -> str:
-  """1-minute load average per core, as text."""
-  if not hasattr(os, "getloadavg"):
-    return "unknown"
-  return f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+def load_average() -> float | None:
+  """1-minute load average (runnable processes); None where unknown."""
+  return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def _load_line(when: str, load: float | None) -> str:
+  """Preamble line for a load average."""
+  shown = "unknown" if load is None else f"{load:.1f}"
+  return f"load average at {when}: {shown} on {os.cpu_count()} cores"
 
 
 def environment(argv: Sequence[str] | None) -> list[str]:
@@ -121,7 +125,6 @@ def environment(argv: Sequence[str] | None) -> list[str]:
     import torch  # pylint: disable=import-outside-toplevel
     lines.append(f"PyTorch {torch.__version__}, {os.cpu_count()} threads "
                  f"(`torch.set_num_threads(os.cpu_count())`), eager")
-  lines.append(f"load average at start: {_load()}")
   return lines
 
 
@@ -299,7 +302,9 @@ class Suite:
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the suite; returns the exit code."""
   args = parse_args(argv)
+  start_load = load_average()
   suite = Suite(args, argv)
+  suite.report.preamble.append(_load_line("start", start_load))
   suite.save()
   deferred = [s for s in args.shapes if s == "paper"]
   for shape_name in [s for s in args.shapes if s != "paper"]:
@@ -309,7 +314,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   suite.inference()
   for shape_name in deferred:
     suite.training_grid(shape_name)
-  suite.report.preamble.append(f"load average at end: {_load()}")
+  end_load = load_average()
+  suite.report.preamble.append(_load_line("end", end_load))
+  loads = [x for x in (start_load, end_load) if x is not None]
+  if loads and max(loads) > (os.cpu_count() or 1):
+    suite.report.preamble.append(
+        "warning: the machine was oversubscribed (load above the core count): timings are "
+        "noisy, and multi-threaded PyTorch (OpenMP threads wait by spinning) suffers most")
   suite.save()
   print(f"wrote {args.out}", flush=True)
   return 0

@@ -9,12 +9,13 @@ without TensorFlow. Only process 0 writes.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import jax
 import numpy as np
 from tqdm import tqdm
+
+from wmh_jax import fileio
 
 
 def _step_of(line: str) -> int | None:
@@ -35,9 +36,7 @@ def _truncate_after(path: Path, step: int) -> None:
     return
   kept = [line for line in path.read_text().splitlines()
           if (record_step := _step_of(line)) is not None and record_step <= step]
-  tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text("".join(line + "\n" for line in kept))
-  os.replace(tmp, path)
+  fileio.atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 class MetricLogger:
