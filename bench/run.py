@@ -267,7 +267,7 @@ class Suite:
     else:
       waits = [report.read_data_wait(path) for path in report.timing_files(workdir)]
       rows = [[str(w.path), w.steps, report.fmt(w.median_step_s), report.fmt(w.median_wait_s),
-               f"{100 * w.wait_share:.1f}%"] for w in waits]
+               f"{report.fmt(100 * w.wait_share)}%"] for w in waits]
       notes = []
     notes.append("share = sum(data_wait_s) / sum(step_time_s) over logged steps, first step "
                  "(compilation) excluded; target <= 5%")

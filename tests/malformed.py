@@ -47,11 +47,13 @@ class ManifestCase:
 
 
 def _save(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
+  """Writes ``data`` with ``affine`` through nibabel; returns ``path``."""
   nib.save(nib.Nifti1Image(np.asarray(data), np.asarray(affine, np.float64)), path)
   return path
 
 
-def _raw_nifti(path: Path, shape: tuple[int, ...], pixdim=(1.0, 1.0, 1.0),
+def _raw_nifti(path: Path, shape: tuple[int, ...],
+               pixdim: tuple[float, float, float] = (1.0, 1.0, 1.0),
                magic: bytes = b"n+1\0") -> Path:
   """A hand-written single-file NIfTI-1 header (+ 64 bytes of data), no fix-ups.
 
@@ -70,6 +72,7 @@ def _raw_nifti(path: Path, shape: tuple[int, ...], pixdim=(1.0, 1.0, 1.0),
 
 
 def _with(data: np.ndarray, index: tuple[int, int, int], value: float) -> np.ndarray:
+  """A float32 copy of ``data`` with one voxel set to ``value``."""
   out = np.array(data, np.float32)
   out[index] = value
   return out

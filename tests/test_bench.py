@@ -125,7 +125,7 @@ def test_data_wait_section_without_and_with_a_workdir(tmp_path):
               for s in range(1, 5)))
   suite.args.train_workdir = tmp_path
   suite.data_wait()
-  assert "| 3 | 1 | 0.05 | 5.0% |" in (tmp_path / "r.md").read_text()
+  assert "| 3 | 1 | 0.05 | 5% |" in (tmp_path / "r.md").read_text()
 
 
 def test_parse_args():

@@ -119,6 +119,7 @@ class Runs:
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> Study:
+  """The 20-scan tiny dataset with its cache filled, and the environment of the CLI runs."""
   root = tmp_path_factory.mktemp("reliability")
   manifest_path = tiny_data.make_tiny_dataset(root / "data")
   # Test speed knobs, none of which changes what is tested: one compilation
@@ -243,6 +244,7 @@ def reference(study: Study) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(study: Study, reference: Path) -> Runs:
+  """The interrupted lineages (module docstring), run once for the module."""
   with _reaped(study) as launch:
     return _run_lineages(launch, reference)
 
@@ -467,6 +469,7 @@ def test_no_restorable_checkpoint_is_a_checkpoint_error(study, reference, tmp_pa
 
 @pytest.fixture(scope="module")
 def corpus(study: Study) -> dict[str, Any]:
+  """The malformed scans, label maps and manifests (tests/malformed.py)."""
   scans = malformed.write_scan_corpus(study.root / "corpus", study.manifest.parent /
                                       "s00_flair.nii.gz")
   manifests = malformed.write_manifest_corpus(study.root / "corpus_manifests",
@@ -514,7 +517,8 @@ def test_cache_reports_each_bad_scan_and_keeps_the_others(study, corpus, unreada
   for case, line in zip(corpus["scans"], failures):
     assert line.startswith(f"{case.culprit}: ") and case.reason in line, (case.kind, line)
     assert "\n" not in line
-  reported = [l for l in capsys.readouterr().err.splitlines() if l.startswith("skipped ")]
+  reported = [line for line in capsys.readouterr().err.splitlines()
+              if line.startswith("skipped ")]
   assert reported == [f"skipped {line}" for line in failures]
   assert sorted(os.listdir(folder)) == sorted(Path(r["path"]).name for r in got)
   for record in got:
@@ -544,7 +548,7 @@ def test_predict_reports_each_bad_scan_and_writes_the_others(reference, study, c
   for case, row, folder in zip(cases, rows[1:-1], folders[1:-1]):
     assert case.reason in row["status"] and "\n" not in row["status"], (case.kind, row)
     assert row[column] == ""
-    assert [l for l in err if l.startswith(f"{case.image}: ")] == \
+    assert [line for line in err if line.startswith(f"{case.image}: ")] == \
         [f"{case.image}: {row['status']}"], case.kind
     assert not (out / folder).exists(), case.kind
   assert not _partial_files(out)

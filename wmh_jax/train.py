@@ -23,7 +23,7 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from wmh_jax import checkpoint, inference, losses, models, sharding
+from wmh_jax import checkpoint, fileio, inference, losses, models, sharding
 from wmh_jax.data import pipeline, records as records_lib
 from wmh_jax.errors import TrainingError
 from wmh_jax.evaluation import metrics as metrics_lib
@@ -233,5 +233,5 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[State, 
   if not last_val:  # resumed a finished run: report the stored best
     last_val = json.loads((workdir / "final_metrics.json").read_text())
   if jax.process_index() == 0:
-    (workdir / "final_metrics.json").write_text(json.dumps(last_val, indent=2))
+    fileio.atomic_write_text(workdir / "final_metrics.json", json.dumps(last_val, indent=2))
   return state, last_val
