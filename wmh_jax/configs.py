@@ -22,7 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.kind = "weak"           # weak | strong | joint | severity
   config.model.base_filters = 32       # Dubost's GP-Unet code
   config.model.depth = 2               # number of 2x down-samplings ("shallow")
-  config.model.conv_impl = "auto"      # auto | native | depth2d  (auto: depth2d on CPU)
+  config.model.conv_impl = "auto"      # auto | native | depth2d  (auto: depth2d_concat on CPU)
   config.model.pool_scale = 1.0        # global average pool multiplier (1.0 = paper)
   config.model.zero_init_volume_head = False  # Dense kernel init 0 (bias = mean target)
   config.model.num_severity_classes = 5
