@@ -4,7 +4,7 @@ Usage::
 
   python -m bench.run [--quick] [--out=bench/results.md] [--shapes=cpu,paper]
       [--repeats=3] [--train_workdir=runs/weak] [--kinds=weak,strong]
-      [--torch_formats=channels_last_3d,contiguous]
+      [--torch_formats=channels_last_3d,contiguous] [--torch_threads=2,1]
 
 Times, side by side in one process:
 
@@ -63,6 +63,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--kinds", default="weak,strong", help="models: weak,strong")
   parser.add_argument("--torch_formats", default=",".join(training.TORCH_FORMATS),
                       help="PyTorch memory formats to time (ratios use each)")
+  parser.add_argument("--torch_threads", default=str(os.cpu_count() or 1),
+                      help="torch.set_num_threads values to time (default: os.cpu_count())")
   parser.add_argument("--train_workdir", type=Path, default=None,
                       help="a finished training run (or seed sweep) whose timing.jsonl to read")
   args = parser.parse_args(argv)
@@ -72,6 +74,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   args.kinds = _choices(parser, "--kinds", args.kinds, ("weak", "strong"))
   args.torch_formats = _choices(parser, "--torch_formats", args.torch_formats,
                                 training.TORCH_FORMATS, allow_empty=True)
+  try:
+    args.torch_threads = [int(n) for n in args.torch_threads.split(",") if n]
+  except ValueError:
+    args.torch_threads = []
+  if not args.torch_threads or min(args.torch_threads) < 1:
+    parser.error("--torch_threads: expected comma-separated positive integers")
   if args.repeats < 1:
     parser.error("--repeats must be >= 1")
   return args
@@ -123,8 +131,8 @@ def environment(argv: Sequence[str] | None) -> list[str]:
     lines.append("PyTorch: not installed (`pip install -e '.[bench]'`); reference skipped")
   else:
     import torch  # pylint: disable=import-outside-toplevel
-    lines.append(f"PyTorch {torch.__version__}, {os.cpu_count()} threads "
-                 f"(`torch.set_num_threads(os.cpu_count())`), eager")
+    lines.append(f"PyTorch {torch.__version__}, eager; `torch.set_num_threads` as in each "
+                 f"row ({os.cpu_count()} = `os.cpu_count()`)")
   return lines
 
 
@@ -156,6 +164,19 @@ def _train_row(result: training.StepResult, jax_result: training.StepResult,
           report.fmt(result.flops / 1e9) if is_jax and result.flops else "—", achieved, peak]
 
 
+def _train_note(label: str, results: list[training.StepResult]) -> str:
+  """The note of one grid and kind: XLA memory, net equality, best JAX/PyTorch ratio."""
+  jax_result = results[0]
+  facts = [f"XLA temporaries {jax_result.temp_bytes / 2**30:.2f} GiB"
+           if jax_result.temp_bytes is not None else "no XLA memory estimate"]
+  if len(results) > 1:
+    best = min(results[1:], key=lambda r: r.median_s)
+    facts.append(f"{jax_result.params:,} parameters and output shapes "
+                 f"{jax_result.output_shapes} equal in both frameworks; JAX / fastest "
+                 f"PyTorch ({best.framework}) = {jax_result.median_s / best.median_s:.2f}")
+  return f"{label}: " + "; ".join(facts)
+
+
 class Suite:
   """Runs the measurements and keeps the report up to date on disk."""
 
@@ -168,7 +189,7 @@ class Suite:
     self.train = report.Section(
         f"Training step: forward + backward + Adadelta, batch {training.BATCH}",
         report.markdown_table(TRAIN_HEADERS, []),
-        [f"median of {args.repeats} steps after 1 warm-up step; volumes/s = "
+        [f"median of {args.repeats} timed step(s) after 1 warm-up step; volumes/s = "
          f"{training.BATCH} / median; 'JAX / this' = JAX s/step / this PyTorch s/step "
          "(< 1: JAX faster)",
          "XLA GFLOP/step: `compiled.cost_analysis()` of the executed program (on CPU the "
@@ -222,9 +243,10 @@ class Suite:
       del step
       print(f"[train] {label}: JAX {jax_result.median_s:.3f} s/step", flush=True)
       results = [jax_result]
-      for memory_format in self.args.torch_formats if self.torch_device else ():
+      variants = [(f, n) for f in self.args.torch_formats for n in self.args.torch_threads]
+      for memory_format, threads in variants if self.torch_device else ():
         torch_result = training.time_torch_step(config, batch, memory_format,
-                                                self.args.repeats, self.torch_device)
+                                                self.args.repeats, self.torch_device, threads)
         training.check_same_net(jax_result, torch_result)
         print(f"[train] {label}: {torch_result.framework} {torch_result.median_s:.3f} s/step; "
               f"params JAX {jax_result.params:,} == PyTorch {torch_result.params:,}; "
@@ -232,12 +254,7 @@ class Suite:
         results.append(torch_result)
       self.train_rows += [_train_row(r, jax_result, self.device_kind) for r in results]
       self.train.table = report.markdown_table(TRAIN_HEADERS, self.train_rows)
-      if len(results) > 1:
-        best = min(results[1:], key=lambda r: r.median_s)
-        self.train.notes.append(
-            f"{label}: {jax_result.params:,} parameters and output shapes "
-            f"{jax_result.output_shapes} equal in both frameworks; JAX / fastest PyTorch "
-            f"({best.framework}) = {jax_result.median_s / best.median_s:.2f}")
+      self.train.notes.append(_train_note(label, results))
       self.save()
 
   def augmentation(self) -> None:

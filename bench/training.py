@@ -6,8 +6,8 @@ batch 4. The JAX step is ``wmh_jax.train.make_train_step`` (jit of
 shard_map, state donated) on a one-device mesh, so the figures are per chip;
 it is compiled ahead of time, which also yields XLA's FLOP count and memory
 estimate. PyTorch (``bench.torch_reference``, imported only when asked for)
-runs eagerly with ``torch.set_num_threads(os.cpu_count())``, on CUDA when
-available.
+runs eagerly, by default with ``torch.set_num_threads(os.cpu_count())``, on
+CUDA when available.
 """
 
 from __future__ import annotations
@@ -193,7 +193,8 @@ def torch_device() -> str | None:
 
 
 def time_torch_step(config: ml_collections.ConfigDict, batch: dict[str, np.ndarray],
-                    memory_format: str, repeats: int, device: str) -> StepResult:
+                    memory_format: str, repeats: int, device: str,
+                    threads: int | None = None) -> StepResult:
   """Times the PyTorch reference of ``config.model`` on ``batch``.
 
   Args:
@@ -202,12 +203,14 @@ def time_torch_step(config: ml_collections.ConfigDict, batch: dict[str, np.ndarr
     memory_format: one of `TORCH_FORMATS`.
     repeats: timed steps after one warm-up step.
     device: 'cpu' or 'cuda' (see :func:`torch_device`).
+    threads: ``torch.set_num_threads`` value; default ``os.cpu_count()``.
   """
   import torch  # pylint: disable=import-outside-toplevel
   from bench import torch_reference  # pylint: disable=import-outside-toplevel
   if memory_format not in TORCH_FORMATS:
     raise ValueError(f"unknown torch memory format {memory_format!r}; use {TORCH_FORMATS}")
-  torch.set_num_threads(os.cpu_count() or 1)
+  threads = threads or os.cpu_count() or 1
+  torch.set_num_threads(threads)
   torch.manual_seed(config.seed)
   kind, filters, depth = config.model.kind, config.model.base_filters, config.model.depth
   layout = {"channels_last_3d": torch.channels_last_3d,
@@ -224,7 +227,9 @@ def time_torch_step(config: ml_collections.ConfigDict, batch: dict[str, np.ndarr
   with torch.device("meta"):
     meta_outputs = torch_reference.build_model(kind, filters, depth)(
         torch.empty(image.shape))
-  return StepResult(framework=f"PyTorch ({memory_format})", kind=kind, shape=grid(config),
+  plural = "s" if threads > 1 else ""
+  return StepResult(framework=f"PyTorch ({memory_format}, {threads} thread{plural})",
+                    kind=kind, shape=grid(config),
                     base_filters=int(filters), params=torch_reference.count_params(model),
                     output_shapes={k: tuple(v.shape) for k, v in meta_outputs.items()},
                     warmup_s=warmup, times_s=times)

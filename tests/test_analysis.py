@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
+import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -11,14 +14,19 @@ import numpy as np
 import pytest
 
 import tiny_data
-from wmh_jax import analysis, predict, sharding, train
+from wmh_jax import analysis, predict, sharding
+from wmh_jax import study as study_lib
 from wmh_jax.data import cache, manifest, pipeline, records
-from wmh_jax.errors import WMHError
+from wmh_jax.errors import CheckpointError, WMHError
 from wmh_jax.evaluation import attention, metrics, stats
 
 TABLES = ("networks", "datasets", "icc", "icc_mean", "comparison", "challenge", "confounders",
           "dice_vs_icc", "severity")
 FIGURES = ("icc_per_dataset", "examples", "scatter", "bland_altman")
+REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("study_config", REPO / "experiments" / "study.py")
+study_lib_config = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(study_lib_config)
 
 
 def _read(path: Path) -> list[dict[str, str]]:
@@ -30,31 +38,92 @@ def _float(cell: str) -> float:
   return math.nan if cell == "" else float(cell)
 
 
+def tiny_study_config(local: Path, ext: Path, cache_dir: Path):
+  """The study config with the tiny weak and strong experiments, 1 seed."""
+  config = study_lib_config.get_config()
+  tiny = Path(tiny_data.__file__).with_name("tiny_experiment.py")
+  config.experiments = tuple(f"{kind}={tiny}:{kind}" for kind in ("weak", "strong"))
+  config.seeds = (0,)
+  config.data.manifest = str(local)
+  config.data.external_manifests = str(ext)
+  config.data.cache_dir = str(cache_dir)
+  config.analysis.n_boot = 50
+  return config
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> dict:
-  """Weak and strong tiny runs (1 seed, 1 epoch) analysed by the CLI.
+  """Weak and strong tiny runs (1 seed, 1 epoch) trained and analysed by the study command.
 
   Local data: 12 tiny scans (test split = "local"); external: 5 more scans in
-  ``ext/manifest.csv`` (dataset "ext"), set in the configs before training.
+  ``ext/manifest.csv`` (dataset "ext").
   """
   root = tmp_path_factory.mktemp("analysis")
   local = tiny_data.make_tiny_dataset(root / "local", n=12, seed=0)
   ext = tiny_data.make_tiny_dataset(root / "ext", n=5, seed=1)
-  configs = {}
-  for kind in ("weak", "strong"):
-    configs[kind] = tiny_data.tiny_config(local, root / "cache", kind=kind)
-    configs[kind].data.external_manifests = str(ext)
+  study_config = tiny_study_config(local, ext, root / "cache")
+  config = study_lib.plan(study_config, root)[0].config
   for path in (local, ext):  # fill the cache in-process: no worker processes are spawned
-    cache.preprocessed_records(manifest.read_manifest(path),
-                               records.preprocess_spec(configs["weak"]), root / "cache",
-                               workers=1)
-  for kind, config in configs.items():
-    train.run(config, root / kind / "seed_0")
+    cache.preprocessed_records(manifest.read_manifest(path), records.preprocess_spec(config),
+                               root / "cache", workers=1)
   out = root / "study"
-  code = analysis.main([f"--runs={root / 'weak'},{root / 'strong'}", f"--out={out}",
-                        "--n_boot=50"])
-  assert code == 0
-  return {"root": root, "out": out, "config": configs["weak"], "ext": ext}
+  assert study_lib.run_study(study_config, root, out) == 0
+  return {"root": root, "out": out, "config": config, "ext": ext,
+          "study_config": study_config}
+
+
+def test_study_runs_every_experiment_and_skips_finished_runs(study, capsys):
+  summary = json.loads((study["root"] / "study.json").read_text())
+  assert summary["analysed_seeds"] == [0]
+  assert [(r["experiment"], r["seed"], r["status"]) for r in summary["runs"]] == [
+      ("weak", 0, "trained"), ("strong", 0, "trained")]
+  assert all(r["val"]["val_score"] == r["val"]["val_score"] for r in summary["runs"])
+  runs = study_lib.plan(study["study_config"], study["root"])
+  stamps = [(r.workdir / "final_metrics.json").stat().st_mtime_ns for r in runs]
+  outcomes = study_lib.train_all(runs)
+  assert [o.status for o in outcomes] == ["skipped", "skipped"]
+  assert [o.metrics for o in outcomes] == [r["val"] for r in summary["runs"]]
+  assert [(r.workdir / "final_metrics.json").stat().st_mtime_ns for r in runs] == stamps
+  assert "[2/2] strong seed 0: finished earlier, skipped" in capsys.readouterr().out
+
+
+def test_study_refuses_a_finished_run_with_another_config(study):
+  run = study_lib.plan(study["study_config"], study["root"])[0]
+  run.config.train.num_epochs = 2
+  with pytest.raises(CheckpointError, match="different config.*'train'"):
+    study_lib.finished_metrics(run)
+
+
+def test_study_reports_a_failed_run_and_goes_on(study, tmp_path, capsys):
+  broken = copy.deepcopy(study["study_config"])
+  broken.seeds = (0, 1)
+  runs = study_lib.plan(broken, study["root"])
+  runs[1] = dataclasses.replace(runs[1], workdir=tmp_path / "weak_seed_1")
+  runs[1].config.data.manifest = str(tmp_path / "missing.csv")
+  outcomes = study_lib.train_all(runs[:2])
+  assert [o.status for o in outcomes] == ["skipped", "failed"]
+  assert "missing.csv" in outcomes[1].error
+  assert "[2/2] weak seed 1: FAILED" in capsys.readouterr().out
+  strong = study_lib.Outcome(runs[2], "skipped", 0.0, {})
+  assert study_lib.common_seeds([*outcomes, strong]) == [0]
+
+
+def test_study_config_files():
+  config = study_lib_config.get_config("cpu")
+  specs = study_lib.experiments(config)
+  assert list(specs) == ["weak", "strong", "joint", "severity"]
+  assert tuple(config.seeds) == (0, 1, 2)
+  for name, spec in specs.items():
+    experiment = study_lib.load_config_file(spec)
+    assert experiment.model.kind == name and experiment.data.shape == (56, 64, 16)
+  with pytest.raises(WMHError, match="not found"):
+    study_lib.load_config_file(f"{REPO / 'experiments' / 'nope.py'}:cpu")
+  with pytest.raises(WMHError, match="unknown config argument 'gpu'"):
+    study_lib.load_config_file(f"{REPO / 'experiments' / 'weak.py'}:gpu")
+  for bad in (("weak.py",), ("a=x.py", "a=y.py")):
+    config.experiments = bad
+    with pytest.raises(WMHError, match="config.experiments"):
+      study_lib.experiments(config)
 
 
 def test_predictions_have_one_row_per_scan_run_and_dataset(study):
@@ -207,3 +276,14 @@ def test_dataset_names_and_errors(study, tmp_path):
   assert analysis.main([f"--runs={tmp_path / 'nothing'}", f"--out={tmp_path / 'o'}"]) == 2
   assert analysis.main([f"--runs={study['root'] / 'weak'}", f"--out={tmp_path / 'o'}",
                         "--datasets=nope"]) == 2
+  for bad_seeds in ("--seeds=7", "--seeds=zero"):
+    assert analysis.main([f"--runs={study['root'] / 'weak'}", f"--out={tmp_path / 'o'}",
+                          bad_seeds]) == 2
+
+
+def test_analysis_cli_with_datasets_and_seeds(study, tmp_path):
+  assert analysis.main([f"--runs={study['root'] / 'weak'}", f"--out={tmp_path}",
+                        "--datasets=ext", "--seeds=0", "--n_boot=10"]) == 0
+  rows = _read(tmp_path / "predictions.csv")
+  assert {(r["run"], r["seed"], r["dataset"]) for r in rows} == {("weak", "0", "ext")}
+  assert len(rows) == 5

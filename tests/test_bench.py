@@ -62,7 +62,8 @@ def test_bench_steps_run_and_check_the_same_net():
   config.model.depth = 0  # a single block: the plumbing, compiled in seconds
   batch = training.synthetic_batch(TINY_SHAPE)
   jax_result = training.JaxStep(config, batch).timed(repeats=1)
-  torch_result = training.time_torch_step(config, batch, "channels_last_3d", 1, "cpu")
+  torch_result = training.time_torch_step(config, batch, "channels_last_3d", 1, "cpu", 1)
+  assert torch_result.framework == "PyTorch (channels_last_3d, 1 thread)"
   training.check_same_net(jax_result, torch_result)
   assert jax_result.flops and jax_result.flops > 0
   assert len(jax_result.times_s) == len(torch_result.times_s) == 1
@@ -134,8 +135,10 @@ def test_parse_args():
   args = run.parse_args([])
   assert args.shapes == ["cpu", "paper"] and args.kinds == ["weak", "strong"]
   assert args.torch_formats == ["channels_last_3d", "contiguous"]
-  with pytest.raises(SystemExit):
-    run.parse_args(["--shapes=cpu,huge"])
+  assert run.parse_args(["--torch_threads=2,1"]).torch_threads == [2, 1]
+  for bad in (["--shapes=cpu,huge"], ["--torch_threads=0"], ["--torch_threads=two"]):
+    with pytest.raises(SystemExit):
+      run.parse_args(bad)
 
 
 def test_peak_table():

@@ -3,7 +3,7 @@
 Usage::
 
   python -m wmh_jax.analysis --runs=runs/weak,runs/strong[,...] --out=reports/study \\
-      [--datasets=local,wmhseg,...] [--n_boot=1000] [--boot_seed=0]
+      [--datasets=local,wmhseg,...] [--seeds=0,1,2] [--n_boot=1000] [--boot_seed=0]
 
 Runs. Each ``--runs`` entry is a training workdir: a seed sweep (its
 ``seed_*/`` children) or a single run. Every seed is restored from its best
@@ -48,7 +48,7 @@ import dataclasses
 import json
 import math
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,7 @@ from jax.sharding import Mesh
 
 from wmh_jax import checkpoint, inference, models, predict, report, sharding
 from wmh_jax.data import cohort, nifti, pipeline, records
-from wmh_jax.errors import WMHError
+from wmh_jax.errors import CheckpointError, WMHError
 from wmh_jax.evaluation import attention, metrics, stats
 from wmh_jax.report import Panel, Table
 
@@ -112,22 +112,26 @@ def run_name(path: str | Path) -> str:
 
 
 def load_run(path: str | Path, mesh: Mesh,
-             forwards: dict[str, inference.ForwardFn] | None = None) -> list[Network]:
+             forwards: dict[str, inference.ForwardFn] | None = None,
+             seeds: Collection[int] | None = None) -> list[Network]:
   """Restores every seed of one run from its workdir alone.
 
   Args:
     path: a seed-sweep workdir or a single-run workdir.
     forwards: compiled forwards by model-config JSON, shared between calls so
       that seeds (and runs) with one architecture compile once.
+    seeds: keep only these seeds (the checkpoint config's ``seed``); None: all.
 
   Raises:
-    CheckpointError: no readable checkpoint.
+    CheckpointError: no readable checkpoint, or none of ``seeds`` in the run.
   """
   forwards = {} if forwards is None else forwards
   networks = []
   for workdir in checkpoint.run_dirs(path):
     restored = checkpoint.restore_for_inference(workdir, "best")
     config = restored.config
+    if seeds is not None and int(config.seed) not in seeds:
+      continue
     arch = config.model.to_json(sort_keys=True)
     if arch not in forwards:
       forwards[arch] = inference.make_forward(models.build_model(config.model), mesh)
@@ -135,6 +139,8 @@ def load_run(path: str | Path, mesh: Mesh,
                             workdir=workdir, step=restored.step, config=config,
                             params=sharding.replicate(restored.params, mesh),
                             forward=forwards[arch]))
+  if not networks:
+    raise CheckpointError(path, f"no run with seed in {sorted(seeds or ())}")
   return networks
 
 
@@ -620,8 +626,10 @@ def write_figures(out: Path, rows: Sequence[dict], icc: Table,
 # The study
 
 
-def load_networks(run_paths: Sequence[str | Path], mesh: Mesh) -> list[Network]:
-  """Every seed of every run, in order; one compiled forward per architecture.
+def load_networks(run_paths: Sequence[str | Path], mesh: Mesh,
+                  seeds: Collection[int] | None = None) -> list[Network]:
+  """Every seed (or each of ``seeds``) of every run, in order; one compiled
+  forward per architecture.
 
   Raises:
     WMHError: unreadable runs, or two runs with one name.
@@ -631,7 +639,7 @@ def load_networks(run_paths: Sequence[str | Path], mesh: Mesh) -> list[Network]:
   for path in run_paths:
     if any(n.run == run_name(path) for n in networks):
       raise WMHError(path, f"a second run named {run_name(path)!r}; rename one workdir")
-    networks += load_run(path, mesh, forwards)
+    networks += load_run(path, mesh, forwards, seeds)
   return networks
 
 
@@ -657,8 +665,10 @@ def network_evaluation_sets(networks: Sequence[Network], datasets: Sequence[str]
 
 def run_analysis(run_paths: Sequence[str | Path], out: str | Path,
                  datasets: Sequence[str] | None = None, n_boot: int = 1000,
-                 boot_seed: int = 0) -> dict[str, Path]:
-  """Restores every run, predicts every test set and writes the study to ``out``.
+                 boot_seed: int = 0, seeds: Collection[int] | None = None
+                 ) -> dict[str, Path]:
+  """Restores every run (only ``seeds``, if given), predicts every test set and
+  writes the study to ``out``.
 
   Returns:
     Name → path of every written file (``predictions``, ``report``, tables
@@ -668,7 +678,7 @@ def run_analysis(run_paths: Sequence[str | Path], out: str | Path,
     WMHError: see :func:`load_networks` and :func:`network_evaluation_sets`.
   """
   mesh = sharding.make_mesh()
-  networks = load_networks(run_paths, mesh)
+  networks = load_networks(run_paths, mesh, seeds)
   sets = network_evaluation_sets(networks, datasets)
   rows = [row for network, mine in zip(networks, sets)
           for row in predict_network(network, mine, mesh)]
@@ -700,9 +710,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--datasets", default="",
                       help=f"comma-separated test sets (default: all; e.g. {LOCAL},"
                       f"{','.join(EXTERNAL_DOMAINS)})")
+  parser.add_argument("--seeds", default="",
+                      help="comma-separated seeds to analyse (default: every seed_* run)")
   parser.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples per CI")
   parser.add_argument("--boot_seed", type=int, default=0, help="bootstrap seed")
   return parser.parse_args(argv)
+
+
+def _seeds(flag: str) -> list[int] | None:
+  try:
+    return [int(s) for s in flag.split(",") if s] or None
+  except ValueError:
+    raise WMHError(None, f"--seeds={flag!r}: expected comma-separated integers") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -713,7 +732,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     if not runs:
       raise WMHError(None, "--runs is empty")
-    written = run_analysis(runs, args.out, datasets, args.n_boot, args.boot_seed)
+    seeds = _seeds(args.seeds)
+    written = run_analysis(runs, args.out, datasets, args.n_boot, args.boot_seed, seeds)
   except WMHError as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
