@@ -25,7 +25,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from wmh_jax import checkpoint, fileio, inference, losses, models, sharding
 from wmh_jax.data import pipeline, records as records_lib
-from wmh_jax.errors import TrainingError
+from wmh_jax.errors import CheckpointError, TrainingError
 from wmh_jax.evaluation import metrics as metrics_lib
 from wmh_jax.logs import MetricLogger
 
@@ -179,7 +179,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[State, 
       process_count=jax.process_count(),
       batch_size_per_process=sharding.local_batch_size(batch_size))
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.checkpoint_keep)
-  restored = ckpt.restore_latest(abstract, data_iter, config)
+  try:
+    restored = ckpt.restore_latest(abstract, data_iter, config)
+  except CheckpointError:
+    ckpt.close()
+    raise
   state = restored if restored is not None else sharding.replicate(host_state, mesh)
   start = int(state["step"])
   if start:
