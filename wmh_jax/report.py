@@ -156,22 +156,32 @@ def icc_figure(icc_rows: Sequence[dict], datasets: Sequence[str], path: Path) ->
   return _save(fig, path)
 
 
-def _run_axes(fig: Figure, runs: Sequence[str]) -> list:
-  return [fig.add_subplot(1, len(runs), k + 1) for k in range(len(runs))]
+def _run_panels(rows: Sequence[dict]) -> tuple[Figure, list[tuple[Any, list[dict], list]]]:
+  """A figure with one axes per run, in row order.
+
+  Returns:
+    The figure and, per run, ``(axes, the run's rows, [(colour, dataset, rows)])``
+    with one colour per dataset (the same in every panel), empty datasets left out.
+  """
+  runs = list(dict.fromkeys(r["run"] for r in rows))
+  datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+  fig = Figure(figsize=(4.0 * len(runs), 4.0), layout="constrained")
+  panels = []
+  for k, run in enumerate(runs):
+    mine = [r for r in rows if r["run"] == run]
+    parts = [(f"C{j}", dataset, [r for r in mine if r["dataset"] == dataset])
+             for j, dataset in enumerate(datasets)]
+    panels.append((fig.add_subplot(1, len(runs), k + 1), mine, [p for p in parts if p[2]]))
+  return fig, panels
 
 
 def scatter_figure(rows: Sequence[dict], path: Path) -> Path:
   """Predicted vs annotated volume (mL) per run, coloured by dataset, identity line."""
-  runs = list(dict.fromkeys(r["run"] for r in rows))
-  datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-  fig = Figure(figsize=(4.0 * len(runs), 4.0), layout="constrained")
-  for ax, run in zip(_run_axes(fig, runs), runs):
-    mine = [r for r in rows if r["run"] == run]
-    for k, dataset in enumerate(datasets):
-      part = [r for r in mine if r["dataset"] == dataset]
-      if part:
-        ax.scatter(_column(part, "annotated_ml"), _column(part, "predicted_ml"), s=12,
-                   color=f"C{k}", label=dataset, alpha=0.7)
+  fig, panels = _run_panels(rows)
+  for ax, mine, parts in panels:
+    for colour, dataset, part in parts:
+      ax.scatter(_column(part, "annotated_ml"), _column(part, "predicted_ml"), s=12,
+                 color=colour, label=dataset, alpha=0.7)
     values = np.concatenate([_column(mine, "annotated_ml"), _column(mine, "predicted_ml")])
     low, high = float(min(values.min(), 0.0)), float(values.max())
     pad = 0.05 * (high - low or 1.0)
@@ -180,7 +190,7 @@ def scatter_figure(rows: Sequence[dict], path: Path) -> Path:
     ax.set_ylim(low - pad, high + pad)
     ax.set_xlabel("annotated volume (mL)")
     ax.set_ylabel("predicted volume (mL)")
-    ax.set_title(f"{run} ({mine[0]['kind']}), all seeds", fontsize=9)
+    ax.set_title(f"{mine[0]['run']} ({mine[0]['kind']}), all seeds", fontsize=9)
     ax.legend(fontsize=7)
   return _save(fig, path)
 
@@ -190,16 +200,11 @@ def bland_altman_figure(rows: Sequence[dict], path: Path) -> Path:
 
   Lines: the mean difference (bias) and bias ± 1.96 SD (limits of agreement).
   """
-  runs = list(dict.fromkeys(r["run"] for r in rows))
-  datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-  fig = Figure(figsize=(4.0 * len(runs), 4.0), layout="constrained")
-  for ax, run in zip(_run_axes(fig, runs), runs):
-    mine = [r for r in rows if r["run"] == run]
-    for k, dataset in enumerate(datasets):
-      part = [r for r in mine if r["dataset"] == dataset]
-      if part:
-        a, p = _column(part, "annotated_ml"), _column(part, "predicted_ml")
-        ax.scatter((a + p) / 2, p - a, s=12, color=f"C{k}", label=dataset, alpha=0.7)
+  fig, panels = _run_panels(rows)
+  for ax, mine, parts in panels:
+    for colour, dataset, part in parts:
+      a, p = _column(part, "annotated_ml"), _column(part, "predicted_ml")
+      ax.scatter((a + p) / 2, p - a, s=12, color=colour, label=dataset, alpha=0.7)
     diff = _column(mine, "predicted_ml") - _column(mine, "annotated_ml")
     bias, sd = float(diff.mean()), float(diff.std(ddof=1)) if len(diff) > 1 else 0.0
     ax.axhline(bias, color="k", lw=1, label=f"bias {bias:+.3g} mL")
@@ -207,7 +212,7 @@ def bland_altman_figure(rows: Sequence[dict], path: Path) -> Path:
       ax.axhline(limit, color="k", lw=0.8, ls="--")
     ax.set_xlabel("mean of annotated and predicted (mL)")
     ax.set_ylabel("predicted − annotated (mL)")
-    ax.set_title(f"{run} ({mine[0]['kind']}), limits ±1.96 SD", fontsize=9)
+    ax.set_title(f"{mine[0]['run']} ({mine[0]['kind']}), limits ±1.96 SD", fontsize=9)
     ax.legend(fontsize=7)
   return _save(fig, path)
 
