@@ -8,7 +8,8 @@ compiles. Two interrupted lineages run side by side; the test process
 watches their workdirs and signals them mid-run:
 
 * ``reference``: uninterrupted, 3 epochs (9 steps, checkpoints at 3, 6, 9);
-* ``stopped``: SIGTERM once step 4 is logged; then resumed to the end;
+* ``stopped``: a ``--seeds=0,1`` sweep, SIGTERM once step 4 is logged (the sweep
+  ends without starting seed 1); then resumed (seed 0) to the end;
 * ``killed``: a NaN batch at step 5 (``train.debug_nan_step``) stops it; resumed
   and SIGKILLed once checkpoint 6 exists and step 7 is logged; checkpoint 6 is
   then truncated, and the last resume falls back to step 3 and runs to the end.
@@ -258,7 +259,7 @@ def _run_lineages(launch: Callable[..., Launch], reference: Path) -> Runs:
     after[name] = {"checkpoints": _checkpoint_steps(leg.run), "logged": _logged_steps(leg.run)}
 
   # Phase 1: SIGTERM mid-epoch | a NaN loss at step 5.
-  stopped = launch("stopped")
+  stopped = launch("stopped", "--seeds=0,1")  # SIGTERM must also end the sweep
   poisoned = launch("killed", f"--config.train.debug_nan_step={NAN_STEP - 1}")
   sent = _signal_when({"stopped": (stopped, signal.SIGTERM,
                                    lambda run: max(_logged_steps(run), default=0) >= 4)})
@@ -353,6 +354,8 @@ def test_sigterm_saves_a_final_checkpoint_then_resume_is_bitwise_exact(runs: Run
   # ... which is not an epoch end: the signal came after step 4 (epochs end at 3, 6, 9).
   assert latest % STEPS_PER_EPOCH != 0
   assert f"SIGTERM: saved step {latest}" in runs.output["stopped"]
+  assert "seed 0: stopped by SIGTERM" in runs.output["stopped"]
+  assert not (runs.stopped.parent / "seed_1").exists()  # the sweep ended there
   assert runs.status["stopped_resumed"] == 0, runs.output["stopped_resumed"][-3000:]
   assert f"resumed {runs.stopped} at step {latest}" in runs.output["stopped_resumed"]
   _assert_same_run(runs.stopped, runs.reference)

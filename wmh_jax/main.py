@@ -6,7 +6,8 @@ On a cluster, ``jax.distributed.initialize()`` is called first: automatically
 under SLURM / Cloud TPU / an explicit coordinator, or when ``--distributed``.
 A :class:`~wmh_jax.errors.WMHError` (bad manifest, incompatible checkpoint,
 non-finite loss) ends the run with one ``error: <file>: <reason>`` line on
-stderr and exit status 1.
+stderr and exit status 1. SIGTERM saves a checkpoint of the seed in flight and
+ends the sweep (exit status 0); the same command resumes it.
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ def main(argv: list[str]) -> None:
       results[seed] = train.train_and_evaluate(config, Path(FLAGS.workdir) / f"seed_{seed}")
     except WMHError as err:  # bad input, checkpoint or loss: one line, exit status 1
       sys.exit(f"error: {err}")
+    if results[seed].get("preempted"):  # the job is being stopped: leave later seeds alone
+      print(f"seed {seed}: stopped by SIGTERM after saving a checkpoint; later seeds not "
+            "started; run the same command again to resume", flush=True)
+      return
     print(f"seed {seed}: final validation " + ", ".join(
         f"{k}={v:.4f}" for k, v in results[seed].items()), flush=True)
 
