@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import tiny_data
-from wmh_jax import analysis, predict, sharding
+from wmh_jax import analysis, predict, report, sharding
 from wmh_jax import study as study_lib
 from wmh_jax.data import cache, manifest, pipeline, records
 from wmh_jax.errors import CheckpointError, WMHError
@@ -287,3 +287,22 @@ def test_analysis_cli_with_datasets_and_seeds(study, tmp_path):
   rows = _read(tmp_path / "predictions.csv")
   assert {(r["run"], r["seed"], r["dataset"]) for r in rows} == {("weak", "0", "ext")}
   assert len(rows) == 5
+
+
+def test_report_says_when_no_network_measures_volume():
+  columns = ["dataset", "weak_run", "strong_run", "weak_icc_2_1", "strong_icc_2_1", "difference"]
+
+  def lines(weak_icc: float, strong_icc: float) -> str:
+    rows = [dict(zip(columns, ("local", "w", "s", weak_icc, strong_icc,
+                               weak_icc - strong_icc))),
+            dict(zip(columns, ("ext", "w", "s", weak_icc / 2, math.nan, math.nan)))]
+    return "\n".join(report.comparison_lines(report.Table("comparison", "t", columns, rows)))
+
+  both_poor = lines(0.02, 0.0)
+  assert "Run `w` does not measure WMH volume here" in both_poor
+  assert "highest 0.020, on local" in both_poor
+  assert "Run `s` does not measure" in both_poor and "say nothing about weak vs" in both_poor
+  one_poor = lines(0.9, 0.3)
+  assert "Run `s` does not measure" in one_poor and "Run `w`" not in one_poor.split("\n", 1)[1]
+  assert "say nothing" not in one_poor
+  assert "does not measure" not in lines(0.9, 0.8)

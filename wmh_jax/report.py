@@ -268,6 +268,33 @@ def comparison_lines(comparison: Table) -> list[str]:
       lines.append(f"  Over the {len(external)} external dataset(s) the mean difference is "
                    f"{format_diff(mean)}; the largest is on {largest['dataset']} "
                    f"({format_diff(largest['difference'])}).")
+    lines += poor_agreement_lines(rows, {"weak": weak, "strong": strong})
+  return lines
+
+
+POOR_ICC = 0.5  # below: "poor" reliability (Koo & Li 2016, J Chiropr Med 15:155)
+
+
+def poor_agreement_lines(rows: Sequence[dict], runs: dict[str, str]) -> list[str]:
+  """Warnings for runs whose seed-mean ICC(2,1) is below :data:`POOR_ICC` everywhere.
+
+  Args:
+    rows: comparison rows of one (weak, strong) pair.
+    runs: ``{"weak": run name, "strong": run name}``.
+  """
+  poor = {}
+  for side, run in runs.items():
+    iccs = [(r[f"{side}_icc_2_1"], r["dataset"]) for r in rows
+            if not math.isnan(r[f"{side}_icc_2_1"])]
+    if iccs and max(iccs)[0] < POOR_ICC:
+      poor[run] = max(iccs)
+  lines = [f"  Run `{run}` does not measure WMH volume here: its ICC(2,1) is below {POOR_ICC} "
+           f"('poor') on every dataset (highest {icc:.3f}, on {dataset})."
+           for run, (icc, dataset) in poor.items()]
+  if len(poor) == len(runs):
+    lines.append("  With neither network measuring volume, these differences say nothing "
+                 "about weak vs strong labels; the networks need more training (see the "
+                 "networks table for the steps).")
   return lines
 
 
