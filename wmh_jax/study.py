@@ -31,6 +31,7 @@ from pathlib import Path
 import ml_collections
 from absl import app, flags
 
+from wmh_jax import analysis, checkpoint, fileio, train
 from wmh_jax.errors import CheckpointError, WMHError
 
 DATA_OVERRIDES = ("manifest", "external_manifests", "cohort_dir", "cache_dir")
@@ -109,7 +110,8 @@ def plan(study: ml_collections.ConfigDict, workdir: str | Path) -> list[Run]:
   return runs
 
 
-def _json(config: ml_collections.ConfigDict) -> dict:
+def _sections(config: ml_collections.ConfigDict) -> dict:
+  """Top-level config sections as plain JSON values (tuples become lists)."""
   return json.loads(config.to_json(sort_keys=True))
 
 
@@ -122,11 +124,10 @@ def finished_metrics(run: Run) -> dict[str, float] | None:
   final = run.workdir / "final_metrics.json"
   if not final.exists():
     return None
-  from wmh_jax import checkpoint  # pylint: disable=import-outside-toplevel
-  stored = checkpoint.restore_for_inference(run.workdir, "latest").config
-  if _json(stored) != _json(run.config):
-    changed = sorted(k for k in set(_json(stored)) | set(_json(run.config))
-                     if _json(stored).get(k) != _json(run.config).get(k))
+  stored = _sections(checkpoint.restore_for_inference(run.workdir, "latest").config)
+  wanted = _sections(run.config)
+  if stored != wanted:
+    changed = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
     raise CheckpointError(run.workdir, f"finished with a different config (sections "
                           f"{changed} differ); use a fresh --workdir or the original config")
   return json.loads(final.read_text())
@@ -140,7 +141,6 @@ def _eta(done: Sequence[float], remaining: int) -> str:
 
 def train_all(runs: Sequence[Run]) -> list[Outcome]:
   """Trains each run that has not finished; prints one progress line per run."""
-  from wmh_jax import train  # pylint: disable=import-outside-toplevel
   outcomes: list[Outcome] = []
   trained_seconds: list[float] = []
   start = time.perf_counter()
@@ -182,7 +182,6 @@ def common_seeds(outcomes: Sequence[Outcome]) -> list[int]:
 
 def write_summary(path: Path, outcomes: Sequence[Outcome], seeds: Sequence[int]) -> None:
   """``study.json``: each run's status, time and validation metrics."""
-  from wmh_jax import fileio  # pylint: disable=import-outside-toplevel
   runs = [{"experiment": o.run.experiment, "seed": o.run.seed, "workdir": str(o.run.workdir),
            "status": o.status, "train_seconds": round(o.seconds, 1), "val": o.metrics,
            "error": o.error} for o in outcomes]
@@ -198,7 +197,6 @@ def run_study(study: ml_collections.ConfigDict, workdir: str | Path,
     WMHError: a bad experiment config, a finished run with another config, no
       seed that finished everywhere, or an analysis error.
   """
-  from wmh_jax import analysis  # pylint: disable=import-outside-toplevel
   workdir = Path(workdir)
   out = Path(out) if out else workdir / "report"
   outcomes = train_all(plan(study, workdir))
