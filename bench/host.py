@@ -223,12 +223,13 @@ def time_inference(config: ml_collections.ConfigDict, scans_dir: Path,
   mesh = sharding.make_mesh()
   model = models.build_model(config.model)
   shape = tuple(int(s) for s in config.data.shape)
-  state = train.init_state(model, train.make_optimizer(config.train), config.seed, shape)
+  state = train.init_state(model, train.make_optimizer(config.train, total_steps=1), config.seed,
+                           shape)
   kind = config.model.kind
   loaded = predict.Model(
       name=kind, group=kind, kind=kind, spec=records.preprocess_spec(config),
       volume_scale_ml=float(config.data.volume_scale_ml), voxel_ml=records.voxel_ml(config),
-      source=f"untrained {kind}", params=sharding.replicate(state["params"], mesh),
+      source=f"untrained {kind}", variables=sharding.replicate(train.model_variables(state), mesh),
       forward=inference.make_forward(model, mesh))
   inputs = predict.collect_inputs([str(scans_dir)])[:repeats + 1]
   with tempfile.TemporaryDirectory(prefix="wmh_bench_predict_") as out:

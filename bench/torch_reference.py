@@ -109,7 +109,7 @@ class GPUNet(nn.Module):
 
 
 class UNetSegmenter(nn.Module):
-  """Strong-label U-Net: ``seg_prob (b, x, y, z)``."""
+  """Strong-label U-Net: ``seg_logits (b, x, y, z)`` (the sigmoid is in the loss)."""
 
   def __init__(self, base_filters: int, depth: int):
     super().__init__()
@@ -118,9 +118,9 @@ class UNetSegmenter(nn.Module):
     self.apply(_lecun_init)
 
   def forward(self, image: torch.Tensor, maps: bool = True) -> dict[str, torch.Tensor]:
-    """image (b, 1, x, y, z) -> seg_prob (b, x, y, z) in [0, 1]; ``maps`` unused."""
+    """image (b, 1, x, y, z) -> seg_logits (b, x, y, z); ``maps`` unused."""
     del maps
-    return {"seg_prob": torch.sigmoid(self.seg_head(self.body(image)))[:, 0]}
+    return {"seg_logits": self.seg_head(self.body(image))[:, 0]}
 
 
 def build_model(kind: str, base_filters: int, depth: int) -> nn.Module:
@@ -153,7 +153,7 @@ def make_train_step(model: nn.Module, kind: str, image: torch.Tensor,
     model: from :func:`build_model`, on the device and in the memory format
       of ``image``.
     kind: 'weak' (MSE of ``volume`` vs ``target`` (b,)) or 'strong' (soft
-      Dice of ``seg_prob`` vs ``target`` (b, x, y, z)).
+      Dice of ``sigmoid(seg_logits)`` vs ``target`` (b, x, y, z)).
     image: (b, 1, x, y, z) float32.
     target: see ``kind``.
   """
@@ -165,7 +165,7 @@ def make_train_step(model: nn.Module, kind: str, image: torch.Tensor,
     if kind == "weak":
       loss = F.mse_loss(outputs["volume"], target)
     else:
-      loss = soft_dice_loss(outputs["seg_prob"], target)
+      loss = soft_dice_loss(torch.sigmoid(outputs["seg_logits"]), target)
     loss.backward()
     optimizer.step()
     return loss.item()

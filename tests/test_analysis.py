@@ -14,15 +14,16 @@ import numpy as np
 import pytest
 
 import tiny_data
-from wmh_jax import analysis, predict, report, sharding
+from wmh_jax import analysis, logs, predict, report, sharding
 from wmh_jax import study as study_lib
 from wmh_jax.data import cache, manifest, pipeline, records
 from wmh_jax.errors import CheckpointError, WMHError
-from wmh_jax.evaluation import attention, metrics, stats
+from wmh_jax.evaluation import attention, baselines, metrics, stats
 
-TABLES = ("networks", "datasets", "icc", "icc_mean", "comparison", "challenge", "confounders",
-          "dice_vs_icc", "severity")
-FIGURES = ("icc_per_dataset", "examples", "scatter", "bland_altman")
+TABLES = ("networks", "datasets", "icc", "icc_mean", "comparison", "baselines", "challenge",
+          "confounders", "dice_vs_icc", "severity")
+FIGURES = ("icc_per_dataset", "examples", "scatter", "bland_altman", "learning_curves")
+HISTOGRAM, THRESHOLD = analysis.BASELINES["histogram"], analysis.BASELINES["threshold"]
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("study_config", REPO / "experiments" / "study.py")
 study_lib_config = importlib.util.module_from_spec(_spec)
@@ -118,7 +119,7 @@ def test_study_config_files():
     assert experiment.model.kind == name and experiment.data.shape == (56, 64, 16)
   with pytest.raises(WMHError, match="not found"):
     study_lib.load_config_file(f"{REPO / 'experiments' / 'nope.py'}:cpu")
-  with pytest.raises(WMHError, match="unknown config argument 'gpu'"):
+  with pytest.raises(WMHError, match=r"unknown config argument\(s\) \['gpu'\]"):
     study_lib.load_config_file(f"{REPO / 'experiments' / 'weak.py'}:gpu")
   for bad in (("weak.py",), ("a=x.py", "a=y.py")):
     config.experiments = bad
@@ -132,10 +133,13 @@ def test_predictions_have_one_row_per_scan_run_and_dataset(study):
   local_test = [r["scan_id"] for r in records.split_records(
       records.load_records(config.data.manifest, config))["test"]]
   external = [r["scan_id"] for r in manifest.read_manifest(study["ext"])]
-  expected = [(run, dataset, scan) for run in ("weak", "strong")
+  expected = [(run, dataset, scan) for run in ("weak", "strong", HISTOGRAM, THRESHOLD)
               for dataset, scans in (("local", local_test), ("ext", external)) for scan in scans]
   assert [(r["run"], r["dataset"], r["scan_id"]) for r in rows] == expected
   assert {r["kind"] for r in rows if r["run"] == "strong"} == {"strong"}
+  assert {(r["kind"], r["seed"]) for r in rows if r["run"] in (HISTOGRAM, THRESHOLD)} == {
+      ("baseline", "")}
+  rows = [r for r in rows if r["kind"] != "baseline"]
   assert all(r["seed"] == "0" for r in rows)
   weak = [r for r in rows if r["kind"] == "weak"]
   strong = [r for r in rows if r["kind"] == "strong"]
@@ -149,7 +153,8 @@ def test_icc_and_dice_tables_equal_recomputation_from_csv(study):
   rows = _read(study["out"] / "predictions.csv")
   table = _read(study["out"] / "tables" / "icc.csv")
   assert [(t["run"], t["dataset"]) for t in table] == [
-      ("weak", "local"), ("weak", "ext"), ("strong", "local"), ("strong", "ext")]
+      (run, dataset) for run in ("weak", "strong", HISTOGRAM, THRESHOLD)
+      for dataset in ("local", "ext")]
   for t in table:
     mine = [r for r in rows if (r["run"], r["seed"], r["dataset"]) == (t["run"], t["seed"],
                                                                         t["dataset"])]
@@ -171,6 +176,28 @@ def test_icc_and_dice_tables_equal_recomputation_from_csv(study):
   for c in comparison:
     np.testing.assert_allclose(_float(c["difference"]),
                                icc[("weak", c["dataset"])] - icc[("strong", c["dataset"])])
+
+
+def test_baseline_rows_equal_baselines_fitted_on_the_training_split(study):
+  rows = _read(study["out"] / "predictions.csv")
+  config = study["config"]
+  splits = records.split_records(records.load_records(config.data.manifest, config))
+  regression = baselines.HistogramVolumeRegression().fit(splits["train"])
+  threshold = baselines.ThresholdSegmentation().fit(splits["train"])
+  assert threshold.threshold is not None and regression.n_train == len(splits["train"])
+  for dataset, recs in (("local", splits["test"]),
+                        ("ext", records.load_records(study["ext"], config, assign=False))):
+    mine = {run: [r for r in rows if (r["run"], r["dataset"]) == (run, dataset)]
+            for run in (HISTOGRAM, THRESHOLD)}
+    np.testing.assert_allclose([_float(r["predicted_ml"]) for r in mine[HISTOGRAM]],
+                               regression.predict(recs), rtol=1e-12)
+    predicted = list(threshold.predict(recs))
+    np.testing.assert_allclose([_float(r["predicted_ml"]) for r in mine[THRESHOLD]],
+                               [p.volume_ml for p in predicted], rtol=1e-12)
+    np.testing.assert_allclose([_float(r["dice"]) for r in mine[THRESHOLD]],
+                               [p.dice for p in predicted], rtol=1e-12)
+    assert all(r["dice"] == "" for r in mine[HISTOGRAM])
+    assert all(r["challenge_dice"] != "" for r in mine[THRESHOLD])
 
 
 def test_per_scan_values_match_the_predict_cli_path(study):
@@ -204,11 +231,55 @@ def test_tables_figures_and_report_are_written(study):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
   text = (out / "REPORT.md").read_text()
   for needle in ("local", "ext", "figures/icc_per_dataset.png", "figures/examples.png",
-                 "Weak run `weak` vs strong run `strong`"):
+                 "figures/learning_curves.png", "Weak run `weak` vs strong run `strong`",
+                 "## Baselines (the floor)", "`baseline: intensity threshold`: threshold "):
     assert needle in text
-  icc = {(t["run"], t["dataset"]): _float(t["icc_2_1"])
-         for t in _read(out / "tables" / "icc_mean.csv")}
+  icc_mean = {(t["run"], t["dataset"]): t for t in _read(out / "tables" / "icc_mean.csv")}
+  icc = {key: _float(t["icc_2_1"]) for key, t in icc_mean.items()}
   assert f"ext {icc[('weak', 'ext')] - icc[('strong', 'ext')]:+.3f}" in text
+  floor = _read(out / "tables" / "baselines.csv")
+  assert [(r["dataset"], r["run"]) for r in floor] == [
+      (dataset, run) for dataset in ("local", "ext") for run in ("weak", "strong")]
+  for r in floor:
+    for method, run in (("histogram", HISTOGRAM), ("threshold", THRESHOLD)):
+      beats = icc[(r["run"], r["dataset"])] > icc[(run, r["dataset"])]
+      assert r[f"beats_{method}_icc"] == ("yes" if beats else "no")
+    dice = _float(icc_mean[(r["run"], r["dataset"])]["mean_dice"])
+    threshold_dice = _float(icc_mean[(THRESHOLD, r["dataset"])]["mean_dice"])
+    assert r["beats_threshold_dice"] == ("" if r["kind"] == "weak" else
+                                         "yes" if dice > threshold_dice else "no")
+    assert f"| {r['dataset']} | {r['run']} | {r['kind']} | " in text
+
+
+def test_learning_curves_equal_the_metrics_logs(study):
+  networks = analysis.load_networks([study["root"] / k for k in ("weak", "strong")],
+                                    sharding.make_mesh())
+  curves = analysis.learning_curves(networks)
+  assert [(c.run, c.seed, c.metric) for c in curves] == [("weak", 0, "val_icc"),
+                                                          ("strong", 0, "val_dice")]
+  for curve in curves:
+    lines = (study["root"] / curve.run / "seed_0" / "metrics.jsonl").read_text().splitlines()
+    evals = [record for record in map(json.loads, lines) if "val_score" in record]
+    assert evals and curve.steps.tolist() == [e["step"] for e in evals]
+    assert curve.values.tolist() == [e[curve.metric] for e in evals]
+
+
+def test_validation_records_skip_training_and_torn_lines(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "loss": 2.0}\n'
+                  '{"step": 2, "epoch": 1, "val_icc": 0.25, "val_dice": 0.5, "val_score": 0.25}\n'
+                  '{"step": 3, "loss": 1.0}\n'
+                  '{"step": 4, "epoch": 2, "val_icc": 0.5, "val_dice": 0.75, "val_score": 0.5}\n'
+                  '{"step": 5, "epo')
+  evals = logs.validation_records(path)
+  assert [(e["step"], e["val_icc"], e["val_dice"]) for e in evals] == [(2, 0.25, 0.5),
+                                                                        (4, 0.5, 0.75)]
+  assert logs.validation_records(tmp_path / "missing.jsonl") == []
+  curves = [report.Curve("joint", "joint", 0, metric, np.array([2, 4]),
+                         np.array([e[metric] for e in evals])) for metric in ("val_icc",
+                                                                               "val_dice")]
+  png = report.learning_curves_figure(curves, tmp_path / "curves.png")
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_summarise_confounders_correlation_and_severity():
@@ -254,6 +325,39 @@ def test_summarise_confounders_correlation_and_severity():
   assert tables["comparison"].rows == [] and tables["comparison"].note
 
 
+def test_floor_table_and_report_say_which_networks_beat_the_baselines(tmp_path):
+  """Synthetic rows: weak (2 seeds) and strong networks, both baselines, one dataset."""
+  rng = np.random.default_rng(0)
+  annotated = rng.uniform(1, 20, 10)
+
+  def rows(run: str, kind: str, seed: int | None, noise_ml: float, dice: float) -> list[dict]:
+    predicted = annotated + rng.normal(0, noise_ml, 10)
+    return [{"run": run, "kind": kind, "seed": seed, "dataset": "local", "scan_id": f"s{i}",
+             "annotated_ml": annotated[i], "predicted_ml": predicted[i], "dice": dice}
+            for i in range(10)]
+
+  all_rows = (rows("weak", "weak", 0, 0.1, 0.1) + rows("weak", "weak", 1, 0.2, 0.1)
+              + rows("strong", "strong", 0, 20.0, 0.6) + rows(HISTOGRAM, "baseline", None, 2.0,
+                                                              math.nan)
+              + rows(THRESHOLD, "baseline", None, 4.0, 0.3))
+  tables = analysis.summarise(all_rows, n_boot=20, seed=0)
+  assert tables["dice_vs_icc"].rows[0]["networks"] == 3  # 3 seeds; the baselines left out
+  floor = analysis.Floor(dict(analysis.BASELINES), baselines.HistogramVolumeRegression(),
+                         baselines.ThresholdSegmentation(), sets={})
+  table = analysis.floor_table(tables["icc_mean"], {"weak": floor, "strong": floor})
+  icc = {r["run"]: r["icc_2_1"] for r in tables["icc_mean"].rows}
+  assert icc["weak"] > icc[HISTOGRAM] > icc[THRESHOLD] > icc["strong"]
+  assert [(r["run"], r["beats_histogram_icc"], r["beats_threshold_icc"],
+           r.get("beats_threshold_dice")) for r in table.rows] == [
+      ("weak", "yes", "yes", None), ("strong", "no", "no", "yes")]
+  assert table.rows[1]["threshold_dice"] == pytest.approx(0.3)
+  assert "`baseline: intensity threshold`: not fitted" in table.note
+  text = report.write_report(tmp_path, {**tables, "baselines": table}, {}).read_text()
+  section = text.split("## Baselines (the floor)")[1].split("\n## ")[0]
+  assert "| local | weak | weak | " in section and "| yes | n/a | n/a | n/a |" in section
+  assert "| local | strong | strong | " in section and "| no | 0.600 | 0.300 | yes |" in section
+
+
 def test_segmentation_metrics_drop_other_pathology_from_challenge_dice():
   labels = np.zeros((6, 6, 3), int)
   labels[1:3, 1:3, 1] = 1
@@ -285,8 +389,9 @@ def test_analysis_cli_with_datasets_and_seeds(study, tmp_path):
   assert analysis.main([f"--runs={study['root'] / 'weak'}", f"--out={tmp_path}",
                         "--datasets=ext", "--seeds=0", "--n_boot=10"]) == 0
   rows = _read(tmp_path / "predictions.csv")
-  assert {(r["run"], r["seed"], r["dataset"]) for r in rows} == {("weak", "0", "ext")}
-  assert len(rows) == 5
+  assert {(r["run"], r["seed"], r["dataset"]) for r in rows} == {
+      ("weak", "0", "ext"), (HISTOGRAM, "", "ext"), (THRESHOLD, "", "ext")}
+  assert len(rows) == 15
 
 
 def test_report_says_when_no_network_measures_volume():

@@ -12,7 +12,7 @@ from wmh_jax import configs, losses, models
 
 
 def _config(kind: str):
-  config = configs.get_config()
+  config = configs.get_config("paper")
   config.model.kind = kind
   config.model.base_filters = 2
   config.model.depth = 1
@@ -59,6 +59,39 @@ def test_soft_dice_per_scan_then_mean():
   assert float(losses.soft_dice_loss(empty, empty)) == 0.0
 
 
+def test_soft_dice_batch_reduction_and_empty_prediction():
+  prob = jnp.zeros((2, 2, 2, 2)).at[0, 0, 0, :].set(1.0).at[1].set(0.5)
+  mask = jnp.zeros((2, 2, 2, 2)).at[0, 0, 0, 0].set(1.0).at[1, 0].set(1.0)
+  # batch sums: inter 1 + 2, sum p 2 + 4, sum m 1 + 4.
+  np.testing.assert_allclose(losses.soft_dice_loss(prob, mask, reduction="batch"),
+                             1 - (2 * 3 + 1) / (6 + 5 + 1), rtol=1e-6)
+  np.testing.assert_allclose(
+      losses.soft_dice_loss(prob, mask, weights=jnp.array([0.0, 1.0]), reduction="batch"),
+      1 - (2 * 2 + 1) / (4 + 4 + 1), rtol=1e-6)
+  # The collapse: per scan with eps 1, predicting nothing on a 1-voxel lesion
+  # scores Dice 1/2; over the batch it is 1/(M+1) of all M lesion voxels.
+  empty = jnp.zeros_like(prob)
+  np.testing.assert_allclose(losses.soft_dice_loss(empty, mask), 1 - (0.5 + 1 / 5) / 2, rtol=1e-6)
+  np.testing.assert_allclose(losses.soft_dice_loss(empty, mask, reduction="batch"),
+                             1 - 1 / 6, rtol=1e-6)
+  with pytest.raises(ValueError, match="unknown Dice reduction 'voxel'"):
+    losses.soft_dice_loss(prob, mask, reduction="voxel")
+
+
+def test_weighted_bce_matches_log_likelihood():
+  logits = jnp.array([[[[3.0, -1.0]]], [[[0.5, -40.0]]]])
+  mask = jnp.array([[[[1.0, 0.0]]], [[[1.0, 0.0]]]])
+  sigmoid = 1 / (1 + np.exp(-np.asarray(logits, np.float64)))
+  nll = -(mask * np.log(sigmoid) + (1 - mask) * np.log1p(-sigmoid))
+  np.testing.assert_allclose(losses.weighted_bce(logits, mask), nll.mean(), rtol=1e-6)
+  weighted = np.where(mask > 0, 5.0 * nll, nll)
+  np.testing.assert_allclose(losses.weighted_bce(logits, mask, pos_weight=5.0),
+                             weighted.mean(), rtol=1e-6)
+  np.testing.assert_allclose(losses.weighted_bce(logits, mask, weights=jnp.array([0.0, 1.0])),
+                             nll[1].mean(), rtol=1e-6)
+  assert float(losses.weighted_bce(logits, mask, weights=jnp.zeros(2))) == 0.0
+
+
 def test_severity_ce():
   logits = jnp.array([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
   labels = jnp.array([0, 2])
@@ -72,17 +105,30 @@ def test_loss_fn_terms_and_metrics():
   batch["has_mask"] = jnp.array([1.0, 0.0])
   config = _config("joint")
   config.train.joint_dice_weight = 0.5
-  seg_prob = batch["mask"][..., 0] * 0.8 + 0.1
-  outputs = {"volume": jnp.array([0.5, 1.0]), "seg_prob": seg_prob,
+  config.loss.seg = "dice"
+  config.loss.dice_reduction = "scan"
+  seg_logits = batch["mask"][..., 0] * 4.0 - 2.0
+  seg_prob = jax.nn.sigmoid(seg_logits)
+  outputs = {"volume": jnp.array([0.5, 1.0]), "seg_logits": seg_logits,
              "attention": jnp.zeros((2, 16, 16, 8))}
   loss, metrics = losses.loss_fn("joint", outputs, batch, config)
   mse = ((0.5 - 0.4) ** 2 + (1.0 - 1.5) ** 2) / 2  # targets mL / 10
   dice = losses.soft_dice_loss(seg_prob[:1], batch["mask"][:1, ..., 0])
   assert set(metrics) == {"loss", "mse", "dice_loss"}
-  np.testing.assert_allclose(metrics["mse"], mse, rtol=1e-6)
-  np.testing.assert_allclose(metrics["dice_loss"], dice, rtol=1e-6)
-  np.testing.assert_allclose(loss, mse + 0.5 * dice, rtol=1e-6)
+  # float32 sums over 2x2048 voxels, reordered by XLA: a few ulps x sqrt(n).
+  rtol = 64 * float(np.finfo(np.float32).eps)
+  np.testing.assert_allclose(metrics["mse"], mse, rtol=rtol)
+  np.testing.assert_allclose(metrics["dice_loss"], dice, rtol=rtol)
+  np.testing.assert_allclose(loss, mse + 0.5 * dice, rtol=rtol)
   assert metrics["loss"] is loss
+
+  config.loss.seg = "dice_bce"
+  config.loss.bce_weight = 2.0
+  loss, metrics = losses.loss_fn("joint", outputs, batch, config)
+  assert set(metrics) == {"loss", "mse", "dice_loss", "bce"}
+  # Only scan 0 has a mask: BCE of logit ±2 is softplus(-2) on every voxel.
+  np.testing.assert_allclose(metrics["bce"], np.log1p(np.exp(-2.0)), rtol=rtol)
+  np.testing.assert_allclose(loss, mse + 0.5 * (dice + 2.0 * metrics["bce"]), rtol=rtol)
 
   _, weak = losses.loss_fn("weak", outputs, batch, config)
   assert set(weak) == {"loss", "mse"}

@@ -47,9 +47,9 @@ def _random_params(model: nn.Module, x: jax.Array, seed: int = 0):
 
 @pytest.mark.parametrize("kind,expected", [
     ("weak", {"volume": (2,), "attention": (2, 16, 16, 8)}),
-    ("strong", {"seg_prob": (2, 16, 16, 8)}),
+    ("strong", {"seg_logits": (2, 16, 16, 8)}),
     ("joint", {"volume": (2,), "attention": (2, 16, 16, 8),
-               "seg_prob": (2, 16, 16, 8)}),
+               "seg_logits": (2, 16, 16, 8)}),
     ("severity", {"severity_logits": (2, 5)}),
 ])
 @pytest.mark.parametrize("depth", [1, 2])
@@ -63,7 +63,7 @@ def test_output_keys_and_shapes(kind, expected, depth):
 
 
 def test_joint_outputs_and_attention_identity():
-  model = models.build_model(_model_config("joint", pool_scale=50.0))
+  model = models.build_model(_model_config("joint", pool_scale=50.0, pooled_norm="none"))
   x = _image()
   params = _random_params(model, x)
   out = jax.jit(model.apply)(params, x)
@@ -73,7 +73,7 @@ def test_joint_outputs_and_attention_identity():
   # attention is pool_scale * F . W: not a trivial 0 == 0 identity.
   assert float(jnp.abs(out["attention"]).mean()) > 1e-2
   assert abs(float(out["volume"][0] - out["volume"][1])) > 1e-4
-  assert 0.0 < float(out["seg_prob"].min()) <= float(out["seg_prob"].max()) < 1.0
+  assert float(out["seg_logits"].std()) > 1e-3
 
 
 def test_volume_bias_init():
@@ -121,8 +121,10 @@ def test_count_params_matches_hand_count():
   expected = (conv(1, 2) + conv(2, 2) + conv(3, 4) + conv(4, 4) + conv(10, 2)
               + conv(2, 2) + 12 + 1)
   model = models.build_model(_model_config("weak"))
-  params = jax.eval_shape(model.init, KEY, _image((1, 4, 4, 2, 1)))
-  assert models.count_params(params) == expected == 1595
+  variables = jax.eval_shape(model.init, KEY, _image((1, 4, 4, 2, 1)))
+  assert models.count_params(variables["params"]) == expected == 1595
+  # Running statistics of the 12 pooled channels (mean, mean square, step count).
+  assert models.count_params(variables["batch_stats"]) == 12 + 12 + 1
 
 
 def test_max_pool_matches_flax():
@@ -144,3 +146,63 @@ def test_bad_config_raises():
     models.build_model(_model_config("weak", conv_impl="fft"))
   with pytest.raises(ValueError, match="depth must be >= 0"):
     models.build_model(_model_config("weak", depth=-1))
+  with pytest.raises(ValueError, match="model.norm='batch'"):
+    models.build_model(_model_config("weak", norm="batch"))
+  with pytest.raises(ValueError, match="model.pooled_norm='layer'"):
+    models.build_model(_model_config("weak", pooled_norm="layer"))
+
+
+def test_running_standardize_first_update_sets_batch_moments():
+  module = models.RunningStandardize(momentum=0.9, eps=0.0)
+  x = jnp.asarray([[1.0, 10.0], [3.0, 10.0], [5.0, 16.0]])
+  variables = module.init(KEY, x)
+  # Never updated: the identity.
+  np.testing.assert_array_equal(module.apply(variables, x)[0], x)
+  (y, mean, inv_std), updated = module.apply(variables, x, update=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(mean, [3.0, 12.0], rtol=1e-6)
+  np.testing.assert_allclose(inv_std, 1.0 / np.sqrt([8.0 / 3.0, 8.0]), rtol=1e-5)
+  np.testing.assert_allclose(y.mean(axis=0), 0.0, atol=1e-6)
+  np.testing.assert_allclose(y.std(axis=0), 1.0, rtol=1e-5)
+  # The same function at inference (no update): identical outputs.
+  np.testing.assert_array_equal(module.apply({**variables, **updated}, x)[0], y)
+  # A second batch moves the statistics by (1 - momentum) of the way, debiased.
+  x2 = x + 10.0
+  (_, mean2, _), _ = module.apply({**variables, **updated}, x2, update=True,
+                                  mutable=["batch_stats"])
+  expected = (0.9 * 0.1 * np.array([3.0, 12.0]) + 0.1 * np.array([13.0, 22.0])) / (1 - 0.81)
+  np.testing.assert_allclose(mean2, expected, rtol=1e-5)
+
+
+def test_running_pooled_norm_keeps_attention_identity_and_spreads_predictions():
+  model = models.build_model(_model_config("weak", pooled_norm="running",
+                                           zero_init_volume_head=False))
+  x = _image((4, 16, 16, 8, 1))
+  variables = _random_params(model, x)
+  variables["batch_stats"] = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
+  _, updated = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  trained = {**variables, **updated}
+  out = jax.jit(model.apply)(trained, x)
+  bias = variables["params"]["volume_head"]["dense"]["bias"][0]
+  np.testing.assert_allclose(out["attention"].mean(axis=(1, 2, 3)) + bias,
+                             out["volume"], atol=1e-4, rtol=1e-4)
+  # Standardised pooled features: the volume's spread over the batch is that
+  # of W . z with z of unit variance per channel, not a tiny fraction of it.
+  weights = variables["params"]["volume_head"]["dense"]["kernel"][:, 0]
+  assert float(out["volume"].std()) > 0.1 * float(jnp.linalg.norm(weights)), out["volume"]
+
+
+@pytest.mark.parametrize("norm", ["group", "instance"])
+def test_body_norm_normalises_each_scan(norm):
+  model = models.build_model(_model_config("strong", norm=norm))
+  x = _image()
+  variables = _random_params(model, x)
+  names = jax.tree_util.keystr(variables["params"]["body"]["down_0"])
+  assert "norm_0" in names and "norm_1" in names
+  # Per-scan normalisation: a scan's output does not depend on its batch mates.
+  alone = model.apply(variables, x[:1])["seg_logits"]
+  together = model.apply(variables, x)["seg_logits"][:1]
+  np.testing.assert_allclose(alone, together, atol=1e-5)
+  # ... and is invariant to the scan's intensity scale after the first conv
+  # up to its bias: doubling the image changes the output far less than 2x.
+  doubled = model.apply(variables, 2.0 * x[:1])["seg_logits"]
+  assert float(jnp.abs(doubled - alone).mean()) < float(jnp.abs(alone).mean())

@@ -34,7 +34,8 @@ def _params_equal(a, b, atol):
 
 
 def test_adadelta_uses_keras_values():
-  config = tiny_data.tiny_config(Path("m.csv"), Path("c"))
+  config = tiny_data.tiny_config(Path("m.csv"), Path("c"), flags="paper")
+  assert config.train.optimizer == "adadelta"
   assert (config.train.learning_rate, config.train.rho, config.train.eps) == (1.0, 0.95, 1e-7)
   params = {"w": np.ones(3, np.float32)}
   opt = train.make_optimizer(config.train)
@@ -51,7 +52,7 @@ def test_adadelta_paper_values_decrease_loss(dataset):
   (Per-kind loss decreases with plain optax are in test_losses.py.)
   """
   manifest, cache = dataset
-  config = tiny_data.tiny_config(manifest, cache)
+  config = tiny_data.tiny_config(manifest, cache, flags="paper")
   recs = records.split_records(records.load_records(manifest, config))["train"]
   batch = next(pipeline.eval_batches(recs[:4], 4))
   batch = {"image": batch["image"], "mask": batch["mask"],
@@ -97,7 +98,7 @@ def test_restore_for_inference_needs_only_workdir(one_epoch):
   restored = checkpoint.restore_for_inference(workdir)
   assert restored.config.model.kind == "weak"
   assert restored.step == 3
-  _params_equal(state["params"], restored.params, atol=0)
+  _params_equal(state["params"], restored.variables["params"], atol=0)
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(dataset, one_epoch, tmp_path):
@@ -110,7 +111,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(dataset, one_epoch, tmp_path
     train.run(config, tmp_path / "run")
   restored = checkpoint.restore_for_inference(tmp_path / "run", "latest")
   assert restored.step == 3
-  assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored.params))
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored.variables["params"]))
 
 
 def test_four_devices_match_one(dataset, one_epoch, tmp_path):
@@ -124,7 +125,7 @@ def test_four_devices_match_one(dataset, one_epoch, tmp_path):
        f"--workdir={tmp_path / 'four'}"], cwd=REPO, env=env, check=True,
       capture_output=True)
   four = checkpoint.restore_for_inference(tmp_path / "four" / "seed_0", "latest")
-  _params_equal(single["params"], four.params, atol=1e-5)
+  _params_equal(single["params"], four.variables["params"], atol=1e-5)
 
 
 def test_two_processes_match_one(dataset, one_epoch, tmp_path):
@@ -146,3 +147,13 @@ def test_two_processes_match_one(dataset, one_epoch, tmp_path):
     np.testing.assert_array_equal(p0[key], p1[key])
   for key, leaf in zip(p0.files, jax.tree.leaves(single["params"]), strict=True):
     np.testing.assert_allclose(p0[key], np.asarray(leaf), atol=1e-5, rtol=0)
+
+
+def test_every_loss_is_independent_of_the_device_count():
+  """One step of each kind, has_mask differing across devices: 1 device == 4 devices."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+         "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run([sys.executable, str(REPO / "tests" / "device_count_worker.py")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.count("ok ") == 4, result.stdout

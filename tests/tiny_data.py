@@ -55,9 +55,13 @@ def make_tiny_dataset(directory: Path, n: int = 20, seed: int = 0) -> Path:
   return path
 
 
-def tiny_config(manifest: Path, cache_dir: Path, kind: str = "weak") -> ml_collections.ConfigDict:
-  """A config small enough for a test: 16x16x8 grid, 2 base filters, 1 epoch."""
-  config = configs.get_config()
+def tiny_config(manifest: Path, cache_dir: Path, kind: str = "weak",
+                flags: str = "") -> ml_collections.ConfigDict:
+  """A config small enough for a test: 16x16x8 grid, 2 base filters, 1 epoch.
+
+  ``flags`` are the config flags (e.g. "paper" for the paper recipe).
+  """
+  config = configs.get_config(flags)
   config.model.kind = kind
   config.model.base_filters = 2
   config.data.manifest = str(manifest)

@@ -31,13 +31,25 @@ for severity models, the true and predicted severity class.
 
 Outputs under ``--out``:
 
-* ``predictions.csv``: one row per run x seed x dataset x scan (:data:`COLUMNS`);
+Baselines, the floor (:func:`fit_floors`): per distinct model grid and
+training split, :class:`~wmh_jax.evaluation.baselines.HistogramVolumeRegression`
+and :class:`~wmh_jax.evaluation.baselines.ThresholdSegmentation` are fitted on
+the training split and predict the same test sets. Their rows (:data:`BASELINES`
+run names, kind ``baseline``, no seed) go through the same tables and
+statistics as the networks'.
+
+Outputs under ``--out``:
+
+* ``predictions.csv``: one row per run x seed x dataset x scan (:data:`COLUMNS`),
+  baselines included;
 * ``tables/<name>.csv`` and ``.md``: ``networks``, ``datasets``, ``icc``
   (ICC(2,1) with its 5–95 % bootstrap CI, ICC(3,1), mean Dice per network and
   dataset), ``icc_mean`` (over seeds), ``comparison`` (weak − strong ICC),
-  ``challenge``, ``confounders``, ``dice_vs_icc``, ``severity``;
-* ``figures/``: ``icc_per_dataset.png`` (Fig. 2), ``examples.png`` (Fig. 3),
-  ``scatter.png``, ``bland_altman.png``;
+  ``baselines`` (does each network beat the floor?), ``challenge``,
+  ``confounders``, ``dice_vs_icc``, ``severity``;
+* ``figures/``: ``icc_per_dataset.png`` (Fig. 2, baselines in grey),
+  ``examples.png`` (Fig. 3), ``scatter.png``, ``bland_altman.png``,
+  ``learning_curves.png`` (validation scores from each seed's ``metrics.jsonl``);
 * ``REPORT.md`` tying them together.
 """
 
@@ -48,7 +60,7 @@ import dataclasses
 import json
 import math
 import sys
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +69,11 @@ import numpy as np
 import tqdm
 from jax.sharding import Mesh
 
-from wmh_jax import checkpoint, inference, models, predict, report, sharding
+from wmh_jax import checkpoint, inference, logs, models, predict, report, sharding
 from wmh_jax.data import cohort, nifti, pipeline, records
 from wmh_jax.errors import CheckpointError, WMHError
-from wmh_jax.evaluation import attention, metrics, stats
-from wmh_jax.report import Panel, Table
+from wmh_jax.evaluation import attention, baselines, metrics, stats
+from wmh_jax.report import Curve, Panel, Table
 
 LOCAL = "local"
 EXTERNAL_DOMAINS = tuple(name for name in cohort.DOMAINS if name != LOCAL)
@@ -75,6 +87,15 @@ VOLUMES = {"volume_ml": "predicted_ml", "soft_volume_ml": "predicted_soft_ml",
 COLUMNS = (["run", "kind", "seed", "dataset", "scan_id", "subject_id", "annotated_ml",
             *VOLUMES.values(), "dice", "attention_dice", *CHALLENGE.values(),
             "severity", "predicted_severity", *cohort.CONFOUNDERS])
+# Model kinds with a segmentation head (their Dice is that of p > 0.5).
+SEGMENTATION_KINDS = ("strong", "joint")
+# The non-deep baselines: kind, and run name per method.
+BASELINE_KIND = "baseline"
+BASELINES = {"histogram": "baseline: histogram regression",
+             "threshold": "baseline: intensity threshold"}
+# metrics.jsonl validation keys drawn as learning curves, per model kind.
+CURVE_METRICS = {"weak": ("val_icc",), "strong": ("val_dice",), "joint": ("val_icc", "val_dice"),
+                 "severity": ("val_icc",)}
 
 
 # ---------------------------------------------------------------------------
@@ -92,8 +113,8 @@ class Network:
     workdir: the seed's workdir.
     step: the restored (best) checkpoint step.
     config: the run's config, from the checkpoint.
-    params: parameters replicated over the mesh.
-    forward: compiled ``params, images (B,x,y,z,1) -> outputs``.
+    variables: Flax variables replicated over the mesh.
+    forward: compiled ``variables, images (B,x,y,z,1) -> outputs``.
   """
   run: str
   seed: int
@@ -101,7 +122,7 @@ class Network:
   workdir: Path
   step: int
   config: ml_collections.ConfigDict
-  params: Any
+  variables: Any
   forward: inference.ForwardFn
 
 
@@ -137,7 +158,7 @@ def load_run(path: str | Path, mesh: Mesh,
       forwards[arch] = inference.make_forward(models.build_model(config.model), mesh)
     networks.append(Network(run=run_name(path), seed=int(config.seed), kind=config.model.kind,
                             workdir=workdir, step=restored.step, config=config,
-                            params=sharding.replicate(restored.params, mesh),
+                            variables=sharding.replicate(restored.variables, mesh),
                             forward=forwards[arch]))
   if not networks:
     raise CheckpointError(path, f"no run with seed in {sorted(seeds or ())}")
@@ -215,7 +236,7 @@ def scan_outputs(network: Network, recs: Sequence[dict], mesh: Mesh
   size = _batch_size(network.config, mesh)
   scale, voxel = float(network.config.data.volume_scale_ml), records.voxel_ml(network.config)
   for start, batch in zip(range(0, len(recs), size), pipeline.eval_batches(recs, size)):
-    raw = inference.run_batches(network.forward, network.params, [batch], mesh, keep_maps=True)
+    raw = inference.run_batches(network.forward, network.variables, [batch], mesh, keep_maps=True)
     if not all(np.isfinite(v).all() for v in raw.values()):
       raise WMHError(network.workdir, f"non-finite model output on {batch['scan_id']}")
     out = inference.physical_outputs(raw, volume_scale_ml=scale, voxel_ml=voxel)
@@ -294,19 +315,26 @@ def _optional(value: Any) -> float | None:
   return None if value is None else float(value)
 
 
+def scan_fields(run: str, kind: str, seed: int | None, dataset: str, record: dict
+                ) -> dict[str, Any]:
+  """The cells of a ``predictions.csv`` row that do not depend on the model:
+  identity, annotated volume (mL) and confounder volumes (mL)."""
+  return {"run": run, "kind": kind, "seed": seed, "dataset": dataset,
+          "scan_id": record["scan_id"], "subject_id": record["subject_id"],
+          "annotated_ml": float(record["wmh_volume_ml"]),
+          **{name: _optional(record.get(name)) for name in cohort.CONFOUNDERS}}
+
+
 def scan_row(network: Network, dataset: str, record: dict, out: dict[str, Any]) -> dict:
   """The ``predictions.csv`` row of one scan (see :data:`COLUMNS`)."""
   spacing = records.preprocess_spec(network.config).spacing_mm
-  row: dict[str, Any] = {
-      "run": network.run, "kind": network.kind, "seed": network.seed, "dataset": dataset,
-      "scan_id": record["scan_id"], "subject_id": record["subject_id"],
-      "annotated_ml": float(record["wmh_volume_ml"]), "predicted_ml": math.nan}
+  row = scan_fields(network.run, network.kind, network.seed, dataset, record)
+  row["predicted_ml"] = math.nan
   row.update({column: float(out[key]) for key, column in VOLUMES.items() if key in out})
   row.update(segmentation_metrics(segmentations(out, spacing), load_reference(record)))
   if "severity" in out:
     row["severity"] = record["severity"] if record["severity"] >= 0 else None
     row["predicted_severity"] = int(out["severity"])
-  row.update({name: _optional(record.get(name)) for name in cohort.CONFOUNDERS})
   return row
 
 
@@ -318,6 +346,97 @@ def predict_network(network: Network, sets: dict[str, list[dict]], mesh: Mesh) -
                                  desc=f"{network.run} seed {network.seed} {dataset}",
                                  unit="scan", file=sys.stderr, leave=False):
       rows.append(scan_row(network, dataset, record, out))
+  return rows
+
+
+# ---------------------------------------------------------------------------
+# Baselines (the floor)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Floor:
+  """Both baselines fitted on one grid and training split, and their test sets.
+
+  Attributes:
+    runs: :data:`BASELINES` key → the baseline's run name in the rows and tables.
+    regression: the fitted histogram-feature volume regression.
+    threshold: the fitted intensity-threshold segmentation.
+    sets: test sets (name → records), the union of its networks' sets.
+  """
+  runs: dict[str, str]
+  regression: baselines.HistogramVolumeRegression
+  threshold: baselines.ThresholdSegmentation
+  sets: dict[str, list[dict]]
+
+
+def _floor_key(config: ml_collections.ConfigDict) -> str:
+  """What the baselines' fit depends on: the grid and the training split."""
+  spec = records.preprocess_spec(config)
+  return json.dumps([spec.shape, spec.spacing_mm, spec.percentiles,
+                     str(records.training_manifest(config)), int(config.data.split_seed)])
+
+
+def _fit_floor(config: ml_collections.ConfigDict, suffix: str) -> Floor:
+  """Both baselines fitted on the training split of ``config``'s grid, no test sets yet.
+
+  Args:
+    suffix: appended to the :data:`BASELINES` run names.
+  """
+  train = records.split_records(records.load_records(records.training_manifest(config),
+                                                     config))["train"]
+  return Floor(runs={method: name + suffix for method, name in BASELINES.items()},
+               regression=baselines.HistogramVolumeRegression().fit(train),
+               threshold=baselines.ThresholdSegmentation().fit(train), sets={})
+
+
+def fit_floors(networks: Sequence[Network], sets: Sequence[dict[str, list[dict]]]
+               ) -> dict[str, Floor]:
+  """The baselines of every run, fitted once per grid and training split.
+
+  Run names get a `` (grid of <run>)`` suffix when the runs have several grids.
+
+  Args:
+    sets: the test sets of each network (:func:`evaluation_sets`), parallel to ``networks``.
+
+  Returns:
+    Network run name → its floor (runs on one grid share one object, whose
+    test sets are the union of theirs).
+  """
+  keys = [_floor_key(network.config) for network in networks]
+  several_grids = len(set(keys)) > 1
+  fitted: dict[str, Floor] = {}
+  floors = {}
+  for key, network, mine in zip(keys, networks, sets):
+    if key not in fitted:
+      fitted[key] = _fit_floor(network.config,
+                               f" (grid of {network.run})" if several_grids else "")
+    fitted[key].sets.update(mine)
+    floors[network.run] = fitted[key]
+  return floors
+
+
+def baseline_rows(floor: Floor) -> list[dict]:
+  """Per-scan rows of both baselines of one floor on each of its test sets, by
+  baseline, then set, then record.
+
+  The histogram regression fills ``predicted_ml``; the intensity threshold
+  fills ``predicted_ml`` (its segmentation's volume), ``dice`` (both NaN
+  where it is not fitted) and the challenge metrics.
+  """
+  regression, threshold = floor.runs["histogram"], floor.runs["threshold"]
+  rows = [{**scan_fields(regression, BASELINE_KIND, None, dataset, record),
+           "predicted_ml": float(volume)}
+          for dataset, recs in floor.sets.items()
+          for record, volume in zip(recs, floor.regression.predict(recs))]
+  for dataset, recs in floor.sets.items():
+    for record, seg in tqdm.tqdm(zip(recs, floor.threshold.predict(recs)), total=len(recs),
+                                 desc=f"{threshold} {dataset}", unit="scan", file=sys.stderr,
+                                 leave=False):
+      row = {**scan_fields(threshold, BASELINE_KIND, None, dataset, record),
+             "predicted_ml": seg.volume_ml, "dice": seg.dice}
+      if seg.mask is not None:
+        row.update(segmentation_metrics({"seg": seg.mask}, load_reference(record)))
+      rows.append(row)
   return rows
 
 
@@ -484,12 +603,13 @@ def confounder_table(rows: Sequence[dict]) -> Table:
 def dice_vs_icc_table(icc: Table) -> Table:
   """Pearson/Spearman of mean Dice vs ICC(2,1) across networks, per dataset.
 
-  Scope ``all`` pools every network with a Dice; with several model kinds,
+  Baselines are left out. Scope ``all`` pools every network with a Dice; with several model kinds,
   each kind also gets its own row. Needs at least 3 networks, else n/a.
   """
   table = []
   for (dataset,), group in _groups(icc.rows, ("dataset",)).items():
-    group = [r for r in group if _is_number(r["mean_dice"]) and _is_number(r["icc_2_1"])]
+    group = [r for r in group if r["kind"] != BASELINE_KIND and _is_number(r["mean_dice"])
+             and _is_number(r["icc_2_1"])]
     kinds = list(dict.fromkeys(r["kind"] for r in group))
     for scope in ["all"] + (kinds if len(kinds) > 1 else []):
       nets = [r for r in group if scope in ("all", r["kind"])]
@@ -500,6 +620,52 @@ def dice_vs_icc_table(icc: Table) -> Table:
   return Table("dice_vs_icc", "Segmentation (mean Dice) vs volume (ICC(2,1)) across networks",
                ["dataset", "scope", "networks", "pearson_r", "pearson_p", "spearman_rho",
                 "spearman_p"], table, note="n/a: fewer than 3 networks.")
+
+
+def _beats(network: float | None, baseline: float | None) -> str | None:
+  """``yes`` when the network's value is higher, ``no`` when not, None when either is missing."""
+  if not (_is_number(network) and _is_number(baseline)):
+    return None
+  return "yes" if network > baseline else "no"
+
+
+def floor_table(icc_mean: Table, floors: Mapping[str, Floor]) -> Table:
+  """Does each network beat its baselines? Per dataset and network run, seed means.
+
+  ICC(2,1) against both baselines; mean Dice, for networks with a
+  segmentation head (:data:`SEGMENTATION_KINDS`), against the intensity
+  threshold.
+
+  Args:
+    icc_mean: the seed-mean table (:func:`icc_mean_table`), baselines included.
+    floors: network run name → its baselines (:func:`fit_floors`).
+  """
+  by_run = {(r["run"], r["dataset"]): r for r in icc_mean.rows}
+  table = []
+  for (dataset,), group in _groups(icc_mean.rows, ("dataset",)).items():
+    for network in (r for r in group if r["run"] in floors):
+      runs = floors[network["run"]].runs
+      histogram = by_run.get((runs["histogram"], dataset), {})
+      threshold = by_run.get((runs["threshold"], dataset), {})
+      row = {"dataset": dataset, "run": network["run"], "kind": network["kind"],
+             "icc_2_1": network["icc_2_1"], "histogram_icc_2_1": histogram.get("icc_2_1"),
+             "beats_histogram_icc": _beats(network["icc_2_1"], histogram.get("icc_2_1")),
+             "threshold_icc_2_1": threshold.get("icc_2_1"),
+             "beats_threshold_icc": _beats(network["icc_2_1"], threshold.get("icc_2_1"))}
+      if network["kind"] in SEGMENTATION_KINDS:
+        row.update({"mean_dice": network["mean_dice"], "threshold_dice": threshold.get("mean_dice"),
+                    "beats_threshold_dice": _beats(network["mean_dice"],
+                                                   threshold.get("mean_dice"))})
+      table.append(row)
+  fits = [f"`{floor.runs[method]}`: {model.describe()}"
+          for floor in dict.fromkeys(floors.values())
+          for method, model in (("histogram", floor.regression), ("threshold", floor.threshold))]
+  return Table("baselines", "Does each network beat the non-deep baselines? (mean over seeds)",
+               ["dataset", "run", "kind", "icc_2_1", "histogram_icc_2_1", "beats_histogram_icc",
+                "threshold_icc_2_1", "beats_threshold_icc", "mean_dice", "threshold_dice",
+                "beats_threshold_dice"], table,
+               note="yes: the network's value is higher than the baseline's. Dice only for "
+               "networks with a segmentation head. " + "; ".join(fits) + ".")
 
 
 def severity_table(rows: Sequence[dict]) -> Table:
@@ -568,7 +734,7 @@ def _example_panels(network: Network, record: dict, out: dict[str, Any],
                      contour=_axial(loaded["brain"], z), contour_color="cyan"),
                Panel(f"{network.run} thresholded", _axial(image, z),
                      fill=_axial(segs["attention"], z))]
-  if network.kind in ("strong", "joint") and "seg" in segs:
+  if network.kind in SEGMENTATION_KINDS and "seg" in segs:
     panels.append(Panel(f"{network.run} p>0.5", _axial(image, z), fill=_axial(segs["seg"], z)))
   return panels
 
@@ -601,12 +767,33 @@ def example_figure_data(networks: Sequence[Network], sets: Sequence[dict[str, li
   return [(scan_id, panels) for scan_id, panels in examples.items() if panels]
 
 
+def learning_curves(networks: Sequence[Network]) -> list[Curve]:
+  """Validation curves (:data:`CURVE_METRICS`) of every network, from its ``metrics.jsonl``.
+
+  A network without a log, or a metric never logged, gives no curve.
+  """
+  curves = []
+  for network in networks:
+    evals = logs.validation_records(network.workdir / "metrics.jsonl")
+    for metric in CURVE_METRICS[network.kind]:
+      points = [(int(r["step"]), float(r[metric])) for r in evals if metric in r]
+      if points:
+        steps, values = zip(*points)
+        curves.append(Curve(network.run, network.kind, network.seed, metric,
+                            np.array(steps, np.int64), np.array(values, np.float64)))
+  return curves
+
+
 def write_figures(out: Path, rows: Sequence[dict], icc: Table,
-                  examples: Sequence[tuple[str, list[Panel]]]) -> dict[str, Path]:
-  """Writes the PNG figures under ``out/figures``; returns name → path."""
+                  examples: Sequence[tuple[str, list[Panel]]], curves: Sequence[Curve]
+                  ) -> dict[str, Path]:
+  """Writes the PNG figures under ``out/figures``; returns name → path.
+
+  The scatter and Bland–Altman plots show the networks only.
+  """
   folder = out / "figures"
-  volume_rows = [r for r in rows if _is_number(r["annotated_ml"]) and
-                 _is_number(r["predicted_ml"])]
+  volume_rows = [r for r in rows if r["kind"] != BASELINE_KIND and
+                 _is_number(r["annotated_ml"]) and _is_number(r["predicted_ml"])]
   datasets = list(dict.fromkeys(r["dataset"] for r in icc.rows))
   external = [d for d in datasets if d != LOCAL] or datasets
   figures = {}
@@ -619,6 +806,9 @@ def write_figures(out: Path, rows: Sequence[dict], icc: Table,
     figures["scatter"] = report.scatter_figure(volume_rows, folder / "scatter.png")
     figures["bland_altman"] = report.bland_altman_figure(volume_rows,
                                                          folder / "bland_altman.png")
+  if curves:
+    figures["learning_curves"] = report.learning_curves_figure(curves,
+                                                               folder / "learning_curves.png")
   return figures
 
 
@@ -680,16 +870,20 @@ def run_analysis(run_paths: Sequence[str | Path], out: str | Path,
   mesh = sharding.make_mesh()
   networks = load_networks(run_paths, mesh, seeds)
   sets = network_evaluation_sets(networks, datasets)
+  floors = fit_floors(networks, sets)
   rows = [row for network, mine in zip(networks, sets)
           for row in predict_network(network, mine, mesh)]
+  rows += [row for floor in dict.fromkeys(floors.values()) for row in baseline_rows(floor)]
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
   written = {"predictions": out / "predictions.csv"}
   predict.write_csv(written["predictions"], _present_columns(rows), rows)
   tables = {"networks": networks_table(networks), **summarise(rows, n_boot, boot_seed)}
+  tables["baselines"] = floor_table(tables["icc_mean"], floors)
   for table in tables.values():
     written[f"table:{table.name}"] = report.write_table(out / "tables", table)[0]
-  figures = write_figures(out, rows, tables["icc"], example_figure_data(networks, sets, mesh))
+  figures = write_figures(out, rows, tables["icc"], example_figure_data(networks, sets, mesh),
+                          learning_curves(networks))
   written.update({f"figure:{name}": path for name, path in figures.items()})
   written["report"] = report.write_report(out, tables, figures)
   return written

@@ -1,7 +1,8 @@
 """Orbax checkpoints: train state, Grain iterator state and the run's config.
 
 Layout: ``workdir/checkpoints/<step>/{state,data_iter,config}``. ``state`` is a
-plain pytree ``{"step", "params", "opt_state", "rng"}``; ``config`` is the
+plain pytree ``{"step", "params", "opt_state", "rng"}`` (plus ``batch_stats``
+for models with running statistics); ``config`` is the
 run's ``ConfigDict`` as JSON, so a checkpoint is self-describing: analysis and
 prediction rebuild the model from the workdir alone. Nothing is pickled.
 
@@ -125,10 +126,11 @@ class Checkpointer:
 def _check_compatible(stored: dict, config: ml_collections.ConfigDict,
                       directory: Path) -> None:
   """The stored run must have the same model and grid as the one resuming."""
-  for section, fields in (("model", ("kind", "base_filters", "depth", "num_severity_classes")),
+  for section, fields in (("model", ("kind", "base_filters", "depth", "num_severity_classes",
+                                     "norm", "pooled_norm")),
                           ("data", ("shape",)), ("train", ("optimizer",))):
     for field in fields:
-      old, new = stored[section][field], config[section][field]
+      old, new = stored[section].get(field), config[section][field]
       if json.loads(json.dumps(old)) != json.loads(json.dumps(new)):
         raise CheckpointError(
             directory, f"checkpoint was trained with {section}.{field}={old!r} but the "
@@ -137,11 +139,15 @@ def _check_compatible(stored: dict, config: ml_collections.ConfigDict,
 
 @dataclasses.dataclass(frozen=True)
 class RestoredRun:
-  """A trained model as analysis and prediction need it."""
+  """A trained model as analysis and prediction need it.
+
+  ``variables`` are the Flax variables: ``params``, and ``batch_stats`` for
+  models with running statistics.
+  """
   workdir: Path
   step: int
   config: ml_collections.ConfigDict
-  params: dict
+  variables: dict
 
 
 def restore_for_inference(workdir: str | Path, which: str = "best") -> RestoredRun:
@@ -172,9 +178,11 @@ def restore_for_inference(workdir: str | Path, which: str = "best") -> RestoredR
         logging.warning("checkpoint step %d in %s is corrupt (%s); trying an earlier one",
                         step, workdir, _brief(err))
         continue
-      params = jax.tree.map(jax.device_get, restored["state"]["params"])
+      state = restored["state"]
+      variables = {k: jax.tree.map(jax.device_get, state[k])
+                   for k in ("params", "batch_stats") if k in state}
       return RestoredRun(Path(workdir), step, ml_collections.ConfigDict(restored["config"]),
-                         params)
+                         variables)
   raise CheckpointError(workdir, "no readable checkpoint")
 
 

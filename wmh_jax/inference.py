@@ -19,14 +19,20 @@ ForwardFn = Callable[[dict, jax.Array], dict[str, jax.Array]]
 
 
 def make_forward(model: nn.Module, mesh: Mesh) -> ForwardFn:
-  """Compiles ``params, images (B,x,y,z,1) -> outputs`` split over the data axis.
+  """Compiles ``variables, images (B,x,y,z,1) -> outputs`` split over the data axis.
 
+  ``variables`` are the Flax variables (``params``, and ``batch_stats`` for
+  models with running statistics). Segmentation logits leave as
+  probabilities: ``seg_logits`` becomes ``seg_prob = sigmoid(seg_logits)``.
   The compiled function is cached by JAX per input shape, so scans of one
   shape reuse one executable.
   """
 
-  def per_device(params, images):
-    return model.apply({"params": params}, images)
+  def per_device(variables, images):
+    outputs = dict(model.apply(variables, images))
+    if "seg_logits" in outputs:
+      outputs["seg_prob"] = jax.nn.sigmoid(outputs.pop("seg_logits"))
+    return outputs
 
   return sharding.data_parallel(per_device, mesh, in_specs=(P(), P(sharding.DATA_AXIS)),
                                 out_specs=P(sharding.DATA_AXIS))
@@ -65,7 +71,7 @@ def physical_outputs(outputs: dict[str, np.ndarray], *, volume_scale_ml: float,
   return result
 
 
-def run_batches(forward: ForwardFn, params: dict, batches: Iterable[dict[str, np.ndarray]],
+def run_batches(forward: ForwardFn, variables: dict, batches: Iterable[dict[str, np.ndarray]],
                 mesh: Mesh, *, keep_maps: bool) -> dict[str, np.ndarray]:
   """Runs ``forward`` over padded global batches and concatenates valid rows.
 
@@ -83,7 +89,7 @@ def run_batches(forward: ForwardFn, params: dict, batches: Iterable[dict[str, np
   for batch in batches:
     rows = len(batch["valid"]) // count
     local = {"image": batch["image"][index * rows:(index + 1) * rows]}
-    outputs = forward(params, sharding.global_batch(local, mesh)["image"])
+    outputs = forward(variables, sharding.global_batch(local, mesh)["image"])
     valid = np.asarray(batch["valid"]) > 0
     for key, value in outputs.items():
       if value.ndim > 2 and not keep_maps:

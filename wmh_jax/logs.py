@@ -3,7 +3,8 @@
 ``metrics.jsonl`` holds only deterministic values (losses, validation
 scores), so two runs with one seed write identical files; wall-clock figures
 go to ``timing.jsonl``. TensorBoard event files are written with tensorboardX,
-without TensorFlow. Only process 0 writes.
+without TensorFlow. Only process 0 writes. :func:`validation_records` reads
+the validation records back (learning curves).
 """
 
 from __future__ import annotations
@@ -37,6 +38,26 @@ def _truncate_after(path: Path, step: int) -> None:
   kept = [line for line in path.read_text().splitlines()
           if (record_step := _step_of(line)) is not None and record_step <= step]
   fileio.atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def validation_records(path: Path) -> list[dict]:
+  """The validation records of a ``metrics.jsonl`` (those with ``val_score``), in order.
+
+  Each holds ``step``, ``epoch``, ``val_score`` and the kind's ``val_*``
+  metrics (:func:`wmh_jax.train.validation_metrics`). A missing file gives
+  none; torn lines are skipped.
+  """
+  if not path.exists():
+    return []
+  evals = []
+  for line in path.read_text().splitlines():
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(record, dict) and "val_score" in record:
+      evals.append(record)
+  return evals
 
 
 class MetricLogger:

@@ -10,11 +10,26 @@ level l has `base_filters * 2**l` filters.
 
 Every model maps `image (b, x, y, z, 1)` float32 to a dict holding only its own
 outputs: `volume (b,)` and `attention (b, x, y, z)` (weak, joint; scaled target
-units, i.e. mL / `config.data.volume_scale_ml`), `seg_prob (b, x, y, z)`
-(strong, joint), `severity_logits (b, num_severity_classes)` (severity).
+units, i.e. mL / `config.data.volume_scale_ml`), `seg_logits (b, x, y, z)`
+(strong, joint; the voxel WMH probability is their sigmoid),
+`severity_logits (b, num_severity_classes)` (severity).
+
+Two recipe options that are not in the paper (each off in the paper recipe,
+see `configs.py`):
+  * `norm`: a group or instance normalisation after every convolution of the
+    body, before its ReLU.
+  * `pooled_norm="running"`: the globally pooled features of the GP head are
+    standardised per channel with running statistics (collection
+    `batch_stats`, kept in the checkpoint) before the Dense layer. The
+    statistics are the same function at train and inference time; training
+    only updates them. Without it the pooled features carry a large offset
+    shared by every scan (the block concatenations pass the raw image on), so
+    a Dense weight change moves every prediction together.
 """
 
 from __future__ import annotations
+
+import math
 
 import flax.linen as nn
 import jax
@@ -24,6 +39,9 @@ import ml_collections
 from wmh_jax import conv
 
 KINDS = ("weak", "strong", "joint", "severity")
+NORMS = ("none", "group", "instance")
+POOLED_NORMS = ("none", "running")
+GROUP_NORM_GROUPS = 4
 
 
 def max_pool_2x(x: jax.Array) -> jax.Array:
@@ -37,18 +55,32 @@ def max_pool_2x(x: jax.Array) -> jax.Array:
   return x.max(axis=(2, 4, 6))
 
 
+def normalise(x: jax.Array, norm: str, name: str) -> jax.Array:
+  """`norm` over each scan's voxels: none, group (4 groups) or instance.
+
+  (b, x, y, z, c) -> same shape. Per scan, so it does not depend on the batch
+  or on the device count.
+  """
+  if norm == "none":
+    return x
+  channels = x.shape[-1]
+  groups = channels if norm == "instance" else math.gcd(GROUP_NORM_GROUPS, channels)
+  return nn.GroupNorm(num_groups=groups, name=name)(x)
+
+
 class Block(nn.Module):
-  """Two Conv3D+ReLU, then concat(input, output): c -> c + features channels."""
+  """Two Conv3D(+norm)+ReLU, then concat(input, output): c -> c + features channels."""
   features: int
   conv_impl: str = "auto"
+  norm: str = "none"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """(b, x, y, z, c) -> (b, x, y, z, c + features)."""
     h = x
     for i in range(2):
-      h = nn.relu(conv.Conv3D(self.features, impl=self.conv_impl,
-                              name=f"conv_{i}")(h))
+      h = conv.Conv3D(self.features, impl=self.conv_impl, name=f"conv_{i}")(h)
+      h = nn.relu(normalise(h, self.norm, f"norm_{i}"))
     return jnp.concatenate([x, h], axis=-1)
 
 
@@ -60,14 +92,15 @@ class UpBlock(nn.Module):
   """
   features: int
   conv_impl: str = "auto"
+  norm: str = "none"
 
   @nn.compact
   def __call__(self, coarse: jax.Array, skip: jax.Array) -> jax.Array:
     """coarse (b, x/2, y/2, z/2, cu), skip (b, x, y, z, cs) -> (b, x, y, z, cu + cs + features)."""
-    h = nn.relu(conv.UpConcatConv3D(self.features, impl=self.conv_impl,
-                                    name="conv_0")(coarse, skip))
-    h = nn.relu(conv.Conv3D(self.features, impl=self.conv_impl,
-                            name="conv_1")(h))
+    h = conv.UpConcatConv3D(self.features, impl=self.conv_impl, name="conv_0")(coarse, skip)
+    h = nn.relu(normalise(h, self.norm, "norm_0"))
+    h = conv.Conv3D(self.features, impl=self.conv_impl, name="conv_1")(h)
+    h = nn.relu(normalise(h, self.norm, "norm_1"))
     return jnp.concatenate([conv.upsample_2x(coarse), skip, h], axis=-1)
 
 
@@ -78,10 +111,12 @@ class UNetBody(nn.Module):
     base_filters: filters of the full-resolution blocks (doubled per level).
     depth: number of 2x poolings; each spatial dim must divide by 2**depth.
     conv_impl: `conv.Conv3D` formulation.
+    norm: normalisation after each convolution (`NORMS`).
   """
   base_filters: int = 32
   depth: int = 2
   conv_impl: str = "auto"
+  norm: str = "none"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -92,43 +127,128 @@ class UNetBody(nn.Module):
                        f"with x, y, z divisible by 2**depth = {factor}")
     skips = []
     for level in range(self.depth):
-      x = Block(self.base_filters * 2**level, self.conv_impl,
+      x = Block(self.base_filters * 2**level, self.conv_impl, self.norm,
                 name=f"down_{level}")(x)
       skips.append(x)
       x = max_pool_2x(x)
-    x = Block(self.base_filters * 2**self.depth, self.conv_impl,
+    x = Block(self.base_filters * 2**self.depth, self.conv_impl, self.norm,
               name="bottom")(x)
     for level in reversed(range(self.depth)):
-      x = UpBlock(self.base_filters * 2**level, self.conv_impl,
+      x = UpBlock(self.base_filters * 2**level, self.conv_impl, self.norm,
                   name=f"up_{level}")(x, skips[level])
     return x
 
 
-class VolumeHead(nn.Module):
-  """GP head: global average pool x pool_scale -> Dense(1), and its attention map.
+class RunningStandardize(nn.Module):
+  """Per-channel standardisation of pooled features with running statistics.
 
-  With F the last feature maps (b, x, y, z, C), W (C,) and bias the Dense
-  parameters and s = `pool_scale`:
-    volume    = s * mean_voxels(F) . W + bias          (b,)
-    attention = s * F . W                              (b, x, y, z)
-  so that `attention.mean(axis=(1, 2, 3)) + bias == volume` exactly (up to
-  float rounding): the attention map is the Dense weights applied to the
-  decoded feature maps before pooling (paper §2.2).
+  With m, v the running mean and variance (collection ``batch_stats``):
+  ``y = (x - m) / sqrt(v + eps)``. The function is the same at train and
+  inference time; with ``update=True`` (training) the statistics first take
+  an exponential-moving-average step towards the batch's mean and variance
+  (when the `batch_stats` collection is mutable),
+  debiased like Adam's moments so that the first batch sets them exactly.
+  With ``axis_name`` the batch moments are averaged over that mapped axis, so
+  the statistics do not depend on the device count. ``m`` and ``v`` carry no
+  gradient.
 
   Attributes:
-    pool_scale: s above (1.0 = paper).
+    momentum: EMA decay per training step.
+    eps: added to the variance (feature units squared).
+    axis_name: mapped axis to average batch moments over (None: no mapping).
+  """
+  momentum: float = 0.9
+  eps: float = 1e-4
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, update: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x (b, c) -> (standardised (b, c), mean (c,), inv_std (c,))."""
+    channels = x.shape[-1]
+    ema_mean = self.variable("batch_stats", "ema_mean", jnp.zeros, (channels,), jnp.float32)
+    ema_sq = self.variable("batch_stats", "ema_sq", jnp.zeros, (channels,), jnp.float32)
+    steps = self.variable("batch_stats", "steps", jnp.zeros, (), jnp.float32)
+    if update and self.is_mutable_collection("batch_stats") and not self.is_initializing():
+      batch_mean = jax.lax.stop_gradient(x.mean(axis=0))
+      batch_sq = jax.lax.stop_gradient(jnp.square(x).mean(axis=0))
+      if self.axis_name is not None:
+        batch_mean, batch_sq = jax.lax.pmean((batch_mean, batch_sq), self.axis_name)
+      ema_mean.value = self.momentum * ema_mean.value + (1 - self.momentum) * batch_mean
+      ema_sq.value = self.momentum * ema_sq.value + (1 - self.momentum) * batch_sq
+      steps.value = steps.value + 1
+    debias = 1.0 - self.momentum ** jnp.maximum(steps.value, 1.0)
+    mean = ema_mean.value / debias
+    variance = jnp.maximum(ema_sq.value / debias - jnp.square(mean), 0.0)
+    inv_std = jax.lax.rsqrt(variance + self.eps)
+    # Before any update (init, or a never-trained model) the statistics are the identity.
+    trained = steps.value > 0
+    mean = jnp.where(trained, mean, 0.0)
+    inv_std = jnp.where(trained, inv_std, 1.0)
+    return (x - mean) * inv_std, mean, inv_std
+
+
+class PooledFeatures(nn.Module):
+  """Global average pool x pool_scale, then optionally `RunningStandardize`.
+
+  The pooling is linear, so the same affine map applied voxel-wise to the
+  feature maps averages to the pooled value: `to_voxels` returns that map.
+
+  Attributes:
+    pool_scale: average-pool multiplier (1.0 = paper).
+    pooled_norm: "none" (paper) or "running".
+    momentum: `RunningStandardize.momentum`.
+    axis_name: `RunningStandardize.axis_name`.
+  """
+  pool_scale: float = 1.0
+  pooled_norm: str = "none"
+  momentum: float = 0.9
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, features: jax.Array, train: bool = False
+               ) -> tuple[jax.Array, jax.Array]:
+    """F (b, x, y, z, C) -> (pooled (b, C), voxel-wise map (b, x, y, z, C)).
+
+    `voxel-wise map.mean(axis=(1, 2, 3)) == pooled` up to float rounding.
+    """
+    scaled = features * self.pool_scale
+    pooled = scaled.mean(axis=(1, 2, 3))
+    if self.pooled_norm == "none":
+      return pooled, scaled
+    pooled, mean, inv_std = RunningStandardize(self.momentum, axis_name=self.axis_name,
+                                               name="standardize")(pooled, update=train)
+    return pooled, (scaled - mean) * inv_std
+
+
+class VolumeHead(nn.Module):
+  """GP head: pooled features -> Dense(1), and its attention map (paper §2.2).
+
+  With G the voxel-wise feature map of `PooledFeatures` (b, x, y, z, C), whose
+  voxel mean is the pooled vector g, and W (C,), bias the Dense parameters:
+    volume    = g . W + bias                           (b,)
+    attention = G . W                                  (b, x, y, z)
+  so that `attention.mean(axis=(1, 2, 3)) + bias == volume` exactly (up to
+  float rounding): the attention map is the Dense weights applied to the
+  decoded feature maps before pooling.
+
+  Attributes:
+    pool_scale, pooled_norm, momentum, axis_name: see `PooledFeatures`.
     volume_bias_init: initial bias, scaled target units.
     zero_init_kernel: start W at 0 (volume == bias for every scan at step 0)
       instead of LeCun-normal.
   """
   pool_scale: float = 1.0
+  pooled_norm: str = "none"
+  momentum: float = 0.9
+  axis_name: str | None = None
   volume_bias_init: float = 0.0
   zero_init_kernel: bool = False
 
   @nn.compact
-  def __call__(self, features: jax.Array) -> dict[str, jax.Array]:
+  def __call__(self, features: jax.Array, train: bool = False) -> dict[str, jax.Array]:
     """F (b, x, y, z, C) -> {'volume': (b,), 'attention': (b, x, y, z)}."""
-    pooled = features.mean(axis=(1, 2, 3)) * self.pool_scale
+    pooled, voxelwise = PooledFeatures(self.pool_scale, self.pooled_norm, self.momentum,
+                                       self.axis_name, name="pool")(features, train)
     kernel_init = (nn.initializers.zeros if self.zero_init_kernel
                    else nn.initializers.lecun_normal())
     dense = nn.Dense(1, kernel_init=kernel_init,
@@ -136,126 +256,125 @@ class VolumeHead(nn.Module):
                      name="dense")
     volume = dense(pooled)[:, 0]
     weights = dense.variables["params"]["kernel"][:, 0]
-    attention = (features @ weights) * self.pool_scale
-    return {"volume": volume, "attention": attention}
+    return {"volume": volume, "attention": voxelwise @ weights}
 
 
 class SegHead(nn.Module):
-  """1x1x1 convolution to one channel and a sigmoid."""
+  """1x1x1 convolution to one channel: voxel WMH logits (the paper's sigmoid is applied later).
+
+  Attributes:
+    bias_init: initial logit; 0 (paper) gives p = 0.5 everywhere at the start,
+      the logit of the lesion prevalence gives a prior-probability start.
+  """
+  bias_init: float = 0.0
 
   @nn.compact
   def __call__(self, features: jax.Array) -> jax.Array:
-    """F (b, x, y, z, C) -> voxel WMH probability (b, x, y, z) in [0, 1]."""
-    return nn.sigmoid(nn.Dense(1, name="dense")(features)[..., 0])
+    """F (b, x, y, z, C) -> voxel WMH logits (b, x, y, z)."""
+    dense = nn.Dense(1, bias_init=nn.initializers.constant(self.bias_init), name="dense")
+    return dense(features)[..., 0]
 
 
 class GPUNet(nn.Module):
   """Weak-label regression network (GP-Unet): outputs `volume`, `attention`."""
-  base_filters: int = 32
-  depth: int = 2
-  conv_impl: str = "auto"
-  pool_scale: float = 1.0
-  volume_bias_init: float = 0.0
-  zero_init_volume_head: bool = False
+  body: dict
+  head: dict
 
   @nn.compact
   def __call__(self, image: jax.Array, train: bool = False) -> dict[str, jax.Array]:
     """image (b, x, y, z, 1) -> {'volume': (b,), 'attention': (b, x, y, z)}.
 
-    `train` is accepted for a uniform interface; no layer depends on it.
+    `train` updates the pooled-feature statistics (`pooled_norm="running"`).
     """
-    del train
-    features = UNetBody(self.base_filters, self.depth, self.conv_impl,
-                        name="body")(image)
-    return VolumeHead(self.pool_scale, self.volume_bias_init,
-                      self.zero_init_volume_head, name="volume_head")(features)
+    features = UNetBody(**self.body, name="body")(image)
+    return VolumeHead(**self.head, name="volume_head")(features, train)
 
 
 class UNetSegmenter(nn.Module):
-  """Strong-label shallow U-Net: outputs `seg_prob`."""
-  base_filters: int = 32
-  depth: int = 2
-  conv_impl: str = "auto"
+  """Strong-label shallow U-Net: outputs `seg_logits`."""
+  body: dict
+  seg_bias_init: float = 0.0
 
   @nn.compact
   def __call__(self, image: jax.Array, train: bool = False) -> dict[str, jax.Array]:
-    """image (b, x, y, z, 1) -> {'seg_prob': (b, x, y, z)}; `train` unused."""
+    """image (b, x, y, z, 1) -> {'seg_logits': (b, x, y, z)}; `train` unused."""
     del train
-    features = UNetBody(self.base_filters, self.depth, self.conv_impl,
-                        name="body")(image)
-    return {"seg_prob": SegHead(name="seg_head")(features)}
+    features = UNetBody(**self.body, name="body")(image)
+    return {"seg_logits": SegHead(self.seg_bias_init, name="seg_head")(features)}
 
 
 class JointNet(nn.Module):
-  """One body, both heads: outputs `volume`, `attention` and `seg_prob`."""
-  base_filters: int = 32
-  depth: int = 2
-  conv_impl: str = "auto"
-  pool_scale: float = 1.0
-  volume_bias_init: float = 0.0
-  zero_init_volume_head: bool = False
+  """One body, both heads: outputs `volume`, `attention` and `seg_logits`."""
+  body: dict
+  head: dict
+  seg_bias_init: float = 0.0
 
   @nn.compact
   def __call__(self, image: jax.Array, train: bool = False) -> dict[str, jax.Array]:
-    """image (b, x, y, z, 1) -> volume (b,), attention, seg_prob (b, x, y, z)."""
-    del train
-    features = UNetBody(self.base_filters, self.depth, self.conv_impl,
-                        name="body")(image)
-    out = VolumeHead(self.pool_scale, self.volume_bias_init,
-                     self.zero_init_volume_head, name="volume_head")(features)
-    out["seg_prob"] = SegHead(name="seg_head")(features)
+    """image (b, x, y, z, 1) -> volume (b,), attention, seg_logits (b, x, y, z)."""
+    features = UNetBody(**self.body, name="body")(image)
+    out = VolumeHead(**self.head, name="volume_head")(features, train)
+    out["seg_logits"] = SegHead(self.seg_bias_init, name="seg_head")(features)
     return out
 
 
 class SeverityNet(nn.Module):
-  """Body -> global average pool x pool_scale -> Dense: `severity_logits`."""
-  base_filters: int = 32
-  depth: int = 2
-  conv_impl: str = "auto"
-  pool_scale: float = 1.0
+  """Body -> `PooledFeatures` -> Dense: `severity_logits`."""
+  body: dict
+  pool: dict
   num_classes: int = 5
 
   @nn.compact
   def __call__(self, image: jax.Array, train: bool = False) -> dict[str, jax.Array]:
-    """image (b, x, y, z, 1) -> {'severity_logits': (b, num_classes)}; `train` unused."""
-    del train
-    features = UNetBody(self.base_filters, self.depth, self.conv_impl,
-                        name="body")(image)
-    pooled = features.mean(axis=(1, 2, 3)) * self.pool_scale
-    return {"severity_logits": nn.Dense(self.num_classes,
-                                        name="severity_head")(pooled)}
+    """image (b, x, y, z, 1) -> {'severity_logits': (b, num_classes)}."""
+    features = UNetBody(**self.body, name="body")(image)
+    pooled, _ = PooledFeatures(**self.pool, name="pool")(features, train)
+    return {"severity_logits": nn.Dense(self.num_classes, name="severity_head")(pooled)}
 
 
-def build_model(model_config: ml_collections.ConfigDict, *,
-                volume_bias_init: float = 0.0) -> nn.Module:
-  """The model named by `model_config.kind` (one of `KINDS`).
-
-  Args:
-    model_config: `config.model` (kind, base_filters, depth, conv_impl,
-      pool_scale, num_severity_classes).
-    volume_bias_init: initial volume-head bias in scaled target units (e.g.
-      the mean training target); used by the weak and joint models.
-  """
-  kind = model_config.kind
+def _check(model_config: ml_collections.ConfigDict) -> None:
   conv.check_impl(model_config.conv_impl)
   if model_config.depth < 0 or model_config.base_filters < 1:
     raise ValueError(f"model depth must be >= 0 and base_filters >= 1, got "
                      f"{model_config.depth} and {model_config.base_filters}")
+  if model_config.norm not in NORMS:
+    raise ValueError(f"model.norm={model_config.norm!r}; expected one of {NORMS}")
+  if model_config.pooled_norm not in POOLED_NORMS:
+    raise ValueError(f"model.pooled_norm={model_config.pooled_norm!r}; "
+                     f"expected one of {POOLED_NORMS}")
+
+
+def build_model(model_config: ml_collections.ConfigDict, *,
+                volume_bias_init: float = 0.0, seg_bias_init: float = 0.0,
+                axis_name: str | None = None) -> nn.Module:
+  """The model named by `model_config.kind` (one of `KINDS`).
+
+  Args:
+    model_config: `config.model` (kind, base_filters, depth, conv_impl, norm,
+      pool_scale, pooled_norm, pooled_norm_momentum, zero_init_volume_head,
+      num_severity_classes).
+    volume_bias_init: initial volume-head bias in scaled target units (e.g.
+      the mean training target); used by the weak and joint models.
+    seg_bias_init: initial segmentation logit (strong, joint).
+    axis_name: the data-parallel axis the training step maps over; running
+      statistics average their batch moments over it (unused at inference).
+  """
+  kind = model_config.kind
+  _check(model_config)
   body = dict(base_filters=model_config.base_filters, depth=model_config.depth,
-              conv_impl=model_config.conv_impl)
-  head = dict(pool_scale=model_config.pool_scale,
-              volume_bias_init=volume_bias_init,
-              zero_init_volume_head=model_config.get("zero_init_volume_head",
-                                                     False))
+              conv_impl=model_config.conv_impl, norm=model_config.norm)
+  pool = dict(pool_scale=model_config.pool_scale, pooled_norm=model_config.pooled_norm,
+              momentum=model_config.pooled_norm_momentum, axis_name=axis_name)
+  head = dict(**pool, volume_bias_init=volume_bias_init,
+              zero_init_kernel=model_config.zero_init_volume_head)
   if kind == "weak":
-    return GPUNet(**body, **head)
+    return GPUNet(body, head)
   if kind == "strong":
-    return UNetSegmenter(**body)
+    return UNetSegmenter(body, seg_bias_init)
   if kind == "joint":
-    return JointNet(**body, **head)
+    return JointNet(body, head, seg_bias_init)
   if kind == "severity":
-    return SeverityNet(**body, pool_scale=model_config.pool_scale,
-                       num_classes=model_config.num_severity_classes)
+    return SeverityNet(body, pool, num_classes=model_config.num_severity_classes)
   raise ValueError(f"unknown model kind {kind!r}; expected one of {KINDS}")
 
 

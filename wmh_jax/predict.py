@@ -178,8 +178,8 @@ class Model:
     volume_scale_ml: regression target scale (mL per target unit).
     voxel_ml: volume of one model-grid voxel (mL).
     source: ``<workdir>@<step>``, identifies the weights for ``--resume``.
-    params: parameters replicated over the mesh.
-    forward: compiled ``params, images (B,x,y,z,1) -> outputs``.
+    variables: Flax variables replicated over the mesh.
+    forward: compiled ``variables, images (B,x,y,z,1) -> outputs``.
   """
   name: str
   group: str
@@ -188,7 +188,7 @@ class Model:
   volume_scale_ml: float
   voxel_ml: float
   source: str
-  params: Any
+  variables: Any
   forward: inference.ForwardFn
 
 
@@ -227,7 +227,7 @@ def load_models(workdirs: Sequence[str], mesh: Mesh, which: str = "best") -> lis
                     spec=records.preprocess_spec(config),
                     volume_scale_ml=float(config.data.volume_scale_ml),
                     voxel_ml=records.voxel_ml(config), source=f"{run}@{restored.step}",
-                    params=sharding.replicate(restored.params, mesh), forward=forwards[arch])
+                    variables=sharding.replicate(restored.variables, mesh), forward=forwards[arch])
       first = next((m for m in loaded if m.group == group), model)
       if (model.kind, model.spec) != (first.kind, first.spec):
         raise CheckpointError(run, f"differs from {first.name} in model kind or grid "
@@ -286,7 +286,7 @@ def predict_image(model: Model, image: np.ndarray, mesh: Mesh, tta: bool = False
   images = image[None, ..., None]
   if tta:
     images = np.concatenate([images, images[:, ::-1]])
-  raw = inference.run_batches(model.forward, model.params, [_padded_batch(images, mesh.size)], mesh,
+  raw = inference.run_batches(model.forward, model.variables, [_padded_batch(images, mesh.size)], mesh,
                               keep_maps=True)
   if not all(np.isfinite(v).all() for v in raw.values()):
     raise WMHError(model.source, "non-finite model output")

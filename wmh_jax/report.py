@@ -24,9 +24,11 @@ from matplotlib.figure import Figure
 from wmh_jax import predict
 
 DPI = 90
-# Fig. 2: colour by label type (as in the paper), marker by run.
+# Fig. 2: colour by label type (as in the paper), marker by run; baselines in grey.
 KIND_COLORS = {"weak": "tab:blue", "strong": "tab:orange", "joint": "tab:green"}
 MARKERS = "osD^v<>"
+# Learning curves: metrics.jsonl key -> (label, line style).
+CURVE_STYLES = {"val_icc": ("ICC(2,1)", "-"), "val_dice": ("Dice", "--")}
 
 
 @dataclasses.dataclass
@@ -66,6 +68,26 @@ class Panel:
   contour: np.ndarray | None = None
   fill: np.ndarray | None = None
   contour_color: str = "red"
+
+
+@dataclasses.dataclass(frozen=True)
+class Curve:
+  """One validation metric of one seed over training (a learning curve).
+
+  Attributes:
+    run: the run's name.
+    kind: weak | strong | joint | severity.
+    seed: the training seed.
+    metric: the ``metrics.jsonl`` key, a :data:`CURVE_STYLES` key.
+    steps: int ``(n,)`` training steps of the validation passes.
+    values: float64 ``(n,)`` the metric at those steps.
+  """
+  run: str
+  kind: str
+  seed: int
+  metric: str
+  steps: np.ndarray
+  values: np.ndarray
 
 
 # ---------------------------------------------------------------------------
@@ -217,6 +239,27 @@ def bland_altman_figure(rows: Sequence[dict], path: Path) -> Path:
   return _save(fig, path)
 
 
+def learning_curves_figure(curves: Sequence[Curve], path: Path) -> Path:
+  """Validation score against training step: one panel per run, one colour per
+  seed, one line style per metric (:data:`CURVE_STYLES`)."""
+  runs = list(dict.fromkeys((c.run, c.kind) for c in curves))
+  fig = Figure(figsize=(4.0 * len(runs), 3.5), layout="constrained")
+  for k, (run, kind) in enumerate(runs):
+    ax = fig.add_subplot(1, len(runs), k + 1)
+    mine = [c for c in curves if c.run == run]
+    seeds = sorted({c.seed for c in mine})
+    for curve in mine:
+      label, style = CURVE_STYLES[curve.metric]
+      ax.plot(curve.steps, curve.values, style, marker="o", ms=3,
+              color=f"C{seeds.index(curve.seed)}", label=f"seed {curve.seed} {label}")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation score")
+    ax.set_title(f"{run} ({kind})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  return _save(fig, path)
+
+
 def examples_figure(examples: Sequence[tuple[str, Sequence[Panel]]], path: Path) -> Path:
   """Fig. 3 analogue: one row per scan, one column per :class:`Panel`."""
   columns = max(len(panels) for _, panels in examples)
@@ -308,14 +351,28 @@ PAPER_NOTE = ("For reference, the paper reports on its local test set a mean ICC
               "to or higher than strong ones on all four public datasets.")
 
 
+FLOOR_NOTE = ("Two non-deep baselines, fitted on the training split of the networks' grid "
+              "and scored on the same test sets with the same statistics (their rows are in "
+              "every table): `baseline: histogram regression`, least squares of the WMH volume "
+              "on global brain-intensity histogram features (it sees no lesion), and "
+              "`baseline: intensity threshold`, the brain voxels at or above one intensity, "
+              "chosen for the best mean Dice on the training masks. A network that does not "
+              "beat them is not measuring lesions.")
+
+
 def sections(tables: dict[str, Table]) -> list[tuple[str, str, list[str], list[str]]]:
   """REPORT.md layout: ``(heading, text, table names, figure names)`` per section."""
   datasets = ", ".join(dict.fromkeys(r["dataset"] for r in tables["datasets"].rows))
   verdict = "\n".join(comparison_lines(tables["comparison"]))
   return [
       ("Runs and test sets", f"Datasets analysed: {datasets}.", ["networks", "datasets"], []),
+      ("Learning curves", "Validation score at each evaluation during training (from each "
+       "seed's `metrics.jsonl`): ICC(2,1) of the volume (severity: of the class), Dice of the "
+       "segmentation head. The analysis uses each seed's best checkpoint.", [],
+       ["learning_curves"]),
       ("Weak vs strong labels", f"{verdict}\n\n{PAPER_NOTE}", ["comparison"],
        ["icc_per_dataset"]),
+      ("Baselines (the floor)", FLOOR_NOTE, ["baselines"], []),
       ("Volume agreement", "ICC(2,1) (two-way random, absolute agreement, paper §2.4) of "
        "predicted vs annotated WMH volume; ICC(3,1) (consistency) for reference.",
        ["icc_mean", "icc"], ["scatter", "bland_altman"]),

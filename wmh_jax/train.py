@@ -32,15 +32,25 @@ from wmh_jax.logs import MetricLogger
 State = dict[str, Any]
 
 
-def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adadelta (Keras-2 values: lr 1.0, rho 0.95, eps 1e-7) or Adam, with linear warm-up.
+def make_optimizer(train_config: ml_collections.ConfigDict,
+                   total_steps: int | None = None) -> optax.GradientTransformation:
+  """Adadelta (Keras-2 values: lr 1.0, rho 0.95, eps 1e-7) or Adam, with warm-up and schedule.
 
-  optax's ``adadelta`` default ``learning_rate=None`` climbs the loss, so the
-  rate is always passed explicitly.
+  The rate rises linearly from 0 over ``warmup_steps``, then stays
+  (``schedule="constant"``) or follows a cosine to 0 at ``total_steps``
+  (``"cosine"``, which needs ``total_steps``). optax's ``adadelta`` default
+  ``learning_rate=None`` climbs the loss, so the rate is always passed
+  explicitly.
   """
-  rate = train_config.learning_rate
-  schedule = (optax.linear_schedule(0.0, rate, train_config.warmup_steps)
-              if train_config.warmup_steps > 0 else rate)
+  rate, warmup = train_config.learning_rate, train_config.warmup_steps
+  if train_config.schedule == "cosine":
+    if not total_steps:
+      raise ValueError("train.schedule='cosine' needs the run's total step count")
+    schedule = optax.warmup_cosine_decay_schedule(0.0, rate, warmup, max(total_steps, warmup + 1))
+  elif train_config.schedule == "constant":
+    schedule = optax.linear_schedule(0.0, rate, warmup) if warmup > 0 else rate
+  else:
+    raise ValueError(f"unknown train.schedule {train_config.schedule!r}; use constant or cosine")
   if train_config.optimizer == "adadelta":
     return optax.adadelta(learning_rate=schedule, rho=train_config.rho, eps=train_config.eps)
   if train_config.optimizer == "adam":
@@ -50,44 +60,85 @@ def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTra
 
 def init_state(model, optimizer: optax.GradientTransformation, seed: int,
                image_shape: tuple[int, ...]) -> State:
-  """Initial train state on the host. ``image_shape`` is (x, y, z)."""
+  """Initial train state on the host. ``image_shape`` is (x, y, z).
+
+  The state holds ``batch_stats`` too when the model keeps running
+  statistics (``model.pooled_norm="running"``).
+  """
   def init(rng):
-    params = model.init(jax.random.wrap_key_data(rng),
-                        jnp.zeros((1, *image_shape, 1)))["params"]
-    return {"step": jnp.zeros((), jnp.int32), "params": params,
-            "opt_state": optimizer.init(params), "rng": rng}
+    variables = model.init(jax.random.wrap_key_data(rng), jnp.zeros((1, *image_shape, 1)))
+    state = {"step": jnp.zeros((), jnp.int32), "params": variables["params"],
+             "opt_state": optimizer.init(variables["params"]), "rng": rng}
+    if "batch_stats" in variables:
+      state["batch_stats"] = variables["batch_stats"]
+    return state
 
   return jax.jit(init)(jax.random.key_data(jax.random.key(seed)))
+
+
+def model_variables(state: State) -> dict:
+  """The Flax variables (``params`` and, if any, ``batch_stats``) of a train state."""
+  return {k: state[k] for k in ("params", "batch_stats") if k in state}
 
 
 def make_train_step(model, config: ml_collections.ConfigDict,
                     optimizer: optax.GradientTransformation, mesh: Mesh):
   """``(state, global batch) -> (state, metrics)`` as ``jit(shard_map)``, state donated.
 
-  Each device computes the loss and gradients on its rows; ``lax.pmean``
-  averages gradients and metrics over the ``"data"`` axis (pmap semantics).
+  Each device computes its rows' part of the global-batch loss
+  (``losses.loss_fn`` with ``axis_name``) and its gradient; ``lax.psum`` over
+  ``"data"`` completes the gradient. Running statistics (``batch_stats``)
+  average their batch moments over ``"data"`` inside the model.
   """
   kind = config.model.kind
+  axis = sharding.DATA_AXIS
 
   def per_device(state: State, batch: dict) -> tuple[State, dict]:
     def loss_of(params):
-      outputs = model.apply({"params": params}, batch["image"])
-      return losses.loss_fn(kind, outputs, batch, config)
+      variables = {**model_variables(state), "params": params}
+      outputs, updated = model.apply(variables, batch["image"], train=True,
+                                     mutable=["batch_stats"])
+      loss, step_metrics = losses.loss_fn(kind, outputs, batch, config, axis_name=axis)
+      return loss, (step_metrics, updated)
 
     # Differentiate w.r.t. a per-device ("varying") copy of the replicated
-    # params: otherwise shard_map's transpose already psums the gradient and
-    # the pmean below would average a sum (pmap semantics need the mean).
-    local_params = lax.pcast(state["params"], sharding.DATA_AXIS, to="varying")
-    (_, step_metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(local_params)
-    grads = lax.pmean(grads, sharding.DATA_AXIS)
-    step_metrics = lax.pmean(step_metrics, sharding.DATA_AXIS)
+    # params. The loss is a global-batch value (its sums are psum-ed over the
+    # data axis), so each device's gradient is the derivative through its own
+    # rows, and their psum is the gradient of the global loss, whatever the
+    # device count.
+    local_params = lax.pcast(state["params"], axis, to="varying")
+    (_, (step_metrics, updated)), grads = jax.value_and_grad(loss_of, has_aux=True)(local_params)
+    grads = lax.psum(grads, axis)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    new_state = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}
+    new_state = {**state, **updated, "step": state["step"] + 1, "params": params,
+                 "opt_state": opt_state}
     return new_state, step_metrics
 
   return sharding.data_parallel(per_device, mesh, in_specs=(P(), P(sharding.DATA_AXIS)),
                                 out_specs=(P(), P()), donate_argnums=(0,))
+
+
+def head_inits(config: ml_collections.ConfigDict, train_records: list[dict]) -> dict[str, float]:
+  """Data-dependent head initialisations from the training labels.
+
+  Returns:
+    ``volume_bias_init``: the mean training target (scaled units), so the
+    volume head starts at the mean; ``seg_bias_init``: with
+    ``model.seg_prior_init``, the logit of the mean lesion fraction of the
+    training scans with masks on the model grid (a prior-probability start,
+    Lin et al. 2017), else 0 (p = 0.5, the paper).
+  """
+  volumes = np.array([r["wmh_volume_ml"] for r in train_records], np.float64)
+  inits = {"volume_bias_init": float(volumes.mean() / config.data.volume_scale_ml),
+           "seg_bias_init": 0.0}
+  masked = np.array([bool(r["has_mask"]) for r in train_records])
+  if config.model.seg_prior_init and masked.any():
+    voxels = np.prod([int(s) for s in config.data.shape])
+    fraction = volumes[masked].mean() / records_lib.voxel_ml(config) / voxels
+    fraction = float(np.clip(fraction, 1e-6, 0.5))
+    inits["seg_bias_init"] = float(np.log(fraction / (1.0 - fraction)))
+  return inits
 
 
 def validation_metrics(kind: str, predictions: dict[str, np.ndarray],
@@ -165,11 +216,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[State, 
     raise TrainingError(None, f"{len(train_records)} training scans < batch size {batch_size}")
   total_steps = steps_per_epoch * config.train.num_epochs
   shape = tuple(int(s) for s in config.data.shape)
-  mean_target = float(np.mean([r["wmh_volume_ml"] for r in train_records])
-                      / config.data.volume_scale_ml)
-
-  model = models.build_model(config.model, volume_bias_init=mean_target)
-  optimizer = make_optimizer(config.train)
+  model = models.build_model(config.model, **head_inits(config, train_records),
+                             axis_name=sharding.DATA_AXIS)
+  optimizer = make_optimizer(config.train, total_steps)
   host_state = init_state(model, optimizer, config.seed, shape)
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated_sharding(mesh)),
@@ -215,7 +264,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[State, 
         if epoch_end:
           predictions = inference.physical_outputs(
               jax.tree.map(np.asarray, inference.run_batches(
-                  forward, state["params"], pipeline.eval_batches(val_records, batch_size),
+                  forward, model_variables(state), pipeline.eval_batches(val_records, batch_size),
                   mesh, keep_maps=config.model.kind in ("strong", "joint"))),
               volume_scale_ml=config.data.volume_scale_ml, voxel_ml=records_lib.voxel_ml(config))
           last_val = validation_metrics(config.model.kind, predictions, val_records)
