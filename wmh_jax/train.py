@@ -3,7 +3,8 @@
 One generic loop serves every model kind (weak, strong, joint, severity);
 the kind only selects the model heads (``models.build_model``) and the loss
 (``losses.loss_fn``). The train state is a plain dict
-``{"step", "params", "opt_state", "rng"}`` replicated over the data mesh.
+``{"step", "params", "opt_state", "rng"}`` (plus ``"batch_stats"`` for models
+with running statistics) replicated over the data mesh.
 """
 
 from __future__ import annotations
