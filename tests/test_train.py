@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -17,7 +18,7 @@ import pytest
 import tiny_data
 from wmh_jax import checkpoint, models, sharding, train
 from wmh_jax.data import pipeline, records
-from wmh_jax.errors import TrainingError
+from wmh_jax.errors import CheckpointError, TrainingError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -157,3 +158,13 @@ def test_every_loss_is_independent_of_the_device_count():
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.count("ok ") == 4, result.stdout
+
+
+def test_checkpoint_of_an_older_recipe_is_a_clear_error(one_epoch, tmp_path):
+  shutil.copytree(one_epoch[1], tmp_path / "run")
+  for path in (tmp_path / "run" / "checkpoints").glob("*/config/metadata"):
+    stored = json.loads(path.read_text())
+    del stored["model"]["pooled_norm"]
+    path.write_text(json.dumps(stored))
+  with pytest.raises(CheckpointError, match="older wmh-jax .*model.pooled_norm"):
+    checkpoint.restore_for_inference(tmp_path / "run")

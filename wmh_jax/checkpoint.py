@@ -27,6 +27,8 @@ from orbax.checkpoint import checkpoint_managers as policies
 from wmh_jax.errors import CheckpointError
 
 SCORE = "val_score"
+# Model fields a checkpoint's config must have: runs from before them cannot be rebuilt.
+RECIPE_MODEL_FIELDS = ("norm", "pooled_norm", "pooled_norm_momentum", "seg_prior_init")
 
 
 def _score(metrics: dict[str, float]) -> float:
@@ -178,10 +180,15 @@ def restore_for_inference(workdir: str | Path, which: str = "best") -> RestoredR
         logging.warning("checkpoint step %d in %s is corrupt (%s); trying an earlier one",
                         step, workdir, _brief(err))
         continue
+      config = restored["config"]
+      missing = [f for f in RECIPE_MODEL_FIELDS if f not in config["model"]]
+      if missing:
+        raise CheckpointError(workdir, f"trained by an older wmh-jax (its config has no model."
+                              f"{missing[0]}; its segmentation head and pooling differ): retrain it")
       state = restored["state"]
       variables = {k: jax.tree.map(jax.device_get, state[k])
                    for k in ("params", "batch_stats") if k in state}
-      return RestoredRun(Path(workdir), step, ml_collections.ConfigDict(restored["config"]),
+      return RestoredRun(Path(workdir), step, ml_collections.ConfigDict(config),
                          variables)
   raise CheckpointError(workdir, "no readable checkpoint")
 
