@@ -168,3 +168,16 @@ def test_checkpoint_of_an_older_recipe_is_a_clear_error(one_epoch, tmp_path):
     path.write_text(json.dumps(stored))
   with pytest.raises(CheckpointError, match="older wmh-jax .*model.pooled_norm"):
     checkpoint.restore_for_inference(tmp_path / "run")
+
+
+def test_head_inits_start_at_the_mean_volume_and_the_lesion_prior():
+  config = tiny_data.tiny_config(Path("m.csv"), Path("c"))  # 16x16x8 at 1.5 mm, scale 0.05 mL
+  recs = [{"wmh_volume_ml": 0.1, "has_mask": 1.0}, {"wmh_volume_ml": 0.3, "has_mask": 1.0},
+          {"wmh_volume_ml": 5.0, "has_mask": 0.0}]
+  inits = train.head_inits(config, recs)
+  assert inits["volume_bias_init"] == pytest.approx((0.1 + 0.3 + 5.0) / 3 / 0.05)
+  # Masked scans only: 0.2 mL of 2048 voxels of 3.375 mm³.
+  fraction = 0.2 / (1.5 ** 3 / 1000) / 2048
+  assert inits["seg_bias_init"] == pytest.approx(np.log(fraction / (1 - fraction)))
+  config.model.seg_prior_init = False
+  assert train.head_inits(config, recs)["seg_bias_init"] == 0.0
