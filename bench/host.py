@@ -3,7 +3,7 @@
 Augmentation is timed single-threaded (numpy and scipy resampling run on one
 core), so pairs per second are per core. Inference runs the predict CLI's own
 code path (``wmh_jax.predict.predict``) on synthetic native-resolution NIfTI
-scans with untrained parameters from ``wmh_jax.train.init_state``.
+scans with untrained parameters from ``wmh_jax.train.make_init``.
 """
 
 from __future__ import annotations
@@ -217,14 +217,14 @@ def time_inference(config: ml_collections.ConfigDict, scans_dir: Path,
                    repeats: int) -> InferenceResult:
   """Runs ``predict.predict`` on the first ``repeats + 1`` scans of ``scans_dir``.
 
-  The model has untrained parameters (``train.init_state``), wrapped as a
+  The model has untrained parameters (``train.make_init``), wrapped as a
   ``predict.Model`` exactly as ``predict.load_models`` builds one.
   """
   mesh = sharding.make_mesh()
   model = models.build_model(config.model)
   shape = tuple(int(s) for s in config.data.shape)
-  state = train.init_state(model, train.make_optimizer(config.train, total_steps=1), config.seed,
-                           shape)
+  state = train.make_init(model, train.make_optimizer(config.train, total_steps=1), mesh,
+                          shape)(config.seed)
   kind = config.model.kind
   loaded = predict.Model(
       name=kind, group=kind, kind=kind, spec=records.preprocess_spec(config),

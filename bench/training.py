@@ -159,13 +159,12 @@ class JaxStep:
     self.mesh = jax.make_mesh((1,), (sharding.DATA_AXIS,), devices=jax.devices()[:1])
     self.model = models.build_model(config.model, axis_name=sharding.DATA_AXIS)
     optimizer = train.make_optimizer(config.train, total_steps=BENCH_SCHEDULE_STEPS)
-    host_state = train.init_state(self.model, optimizer, config.seed, grid(config))
-    self.params = models.count_params(host_state["params"])
+    self.state = train.make_init(self.model, optimizer, self.mesh, grid(config))(config.seed)
+    self.params = models.count_params(self.state["params"])
     self.output_shapes = {
         name: tuple(out.shape) for name, out in jax.eval_shape(
-            lambda v, x: self.model.apply(v, x), train.model_variables(host_state),
+            lambda v, x: self.model.apply(v, x), train.model_variables(self.state),
             jax.ShapeDtypeStruct(batch["image"].shape, jnp.float32)).items()}
-    self.state = sharding.replicate(host_state, self.mesh)
     self.batch = sharding.global_batch(batch, self.mesh)
     step = train.make_train_step(self.model, config, optimizer, self.mesh)
     start = time.perf_counter()

@@ -22,7 +22,7 @@ def one_step(config, batch: dict[str, np.ndarray], devices) -> dict:
   model = models.build_model(config.model, volume_bias_init=0.3, seg_bias_init=-3.0,
                              axis_name=sharding.DATA_AXIS)
   optimizer = train.make_optimizer(config.train, total_steps=10)
-  state = sharding.replicate(train.init_state(model, optimizer, 0, config.data.shape), mesh)
+  state = train.make_init(model, optimizer, mesh, tuple(config.data.shape))(0)
   step = train.make_train_step(model, config, optimizer, mesh)
   state, metrics = step(state, sharding.global_batch(batch, mesh))
   return jax.tree.map(np.asarray, {"vars": train.model_variables(state), "metrics": metrics})

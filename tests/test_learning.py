@@ -92,7 +92,7 @@ def fit(kind: str, flags: str = "") -> dict[str, float]:
   model = models.build_model(config.model, **train.head_inits(config, records),
                              axis_name=sharding.DATA_AXIS)
   optimizer = train.make_optimizer(config.train, steps)
-  state = sharding.replicate(train.init_state(model, optimizer, 0, SHAPE), mesh)
+  state = train.make_init(model, optimizer, mesh, SHAPE)(0)
   step = train.make_train_step(model, config, optimizer, mesh)
   batch = sharding.global_batch(task, mesh)
   for _ in range(steps):

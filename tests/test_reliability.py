@@ -10,7 +10,7 @@ watches their workdirs and signals them mid-run:
 * ``reference``: uninterrupted, 3 epochs (9 steps, checkpoints at 3, 6, 9);
 * ``stopped``: a ``--seeds=0,1`` sweep, SIGTERM once step 4 is logged (the sweep
   ends without starting seed 1); then resumed (seed 0) to the end;
-* ``killed``: a NaN batch at step 5 (``train.debug_nan_step``) stops it; resumed
+* ``killed``: a NaN batch at step 5 (``tests/poisoned_main.py``) stops it; resumed
   and SIGKILLed once checkpoint 6 exists and step 7 is logged; checkpoint 6 is
   then truncated, and the last resume falls back to step 3 and runs to the end.
 
@@ -145,11 +145,17 @@ def study(tmp_path_factory) -> Study:
   return study
 
 
-def _launch(study: Study, name: str, *overrides: str) -> Launch:
-  """Starts ``python -m wmh_jax.main`` with the study's config in ``study.root / name``."""
+def _launch(study: Study, name: str, *overrides: str, poison_step: int | None = None) -> Launch:
+  """Starts ``python -m wmh_jax.main`` with the study's config in ``study.root / name``.
+
+  With ``poison_step``, the CLI runs through ``tests/poisoned_main.py``: that
+  training batch (1-based) is NaN.
+  """
   workdir = study.root / name
   log = study.root / f"{name}.{len(list(study.root.glob(f'{name}.*.log')))}.log"
-  command = [sys.executable, "-m", "wmh_jax.main", "--config=tests/tiny_experiment.py",
+  entry = (["-m", "wmh_jax.main"] if poison_step is None else
+           ["tests/poisoned_main.py", f"--poison_step={poison_step}"])
+  command = [sys.executable, *entry, "--config=tests/tiny_experiment.py",
              f"--config.data.manifest={study.manifest}",
              f"--config.data.cache_dir={study.cache_dir}",
              f"--config.train.num_epochs={EPOCHS}", "--config.model.conv_impl=native",
@@ -221,8 +227,8 @@ def _reaped(study: Study) -> Iterator[Callable[..., Launch]]:
   """Yields :func:`_launch` for ``study``; kills what it started that still runs at exit."""
   started: list[Launch] = []
 
-  def launch(name: str, *overrides: str) -> Launch:
-    started.append(_launch(study, name, *overrides))
+  def launch(name: str, *overrides: str, poison_step: int | None = None) -> Launch:
+    started.append(_launch(study, name, *overrides, poison_step=poison_step))
     return started[-1]
 
   try:
@@ -260,7 +266,7 @@ def _run_lineages(launch: Callable[..., Launch], reference: Path) -> Runs:
 
   # Phase 1: SIGTERM mid-epoch | a NaN loss at step 5.
   stopped = launch("stopped", "--seeds=0,1")  # SIGTERM must also end the sweep
-  poisoned = launch("killed", f"--config.train.debug_nan_step={NAN_STEP - 1}")
+  poisoned = launch("killed", poison_step=NAN_STEP)
   sent = _signal_when({"stopped": (stopped, signal.SIGTERM,
                                    lambda run: max(_logged_steps(run), default=0) >= 4)})
   finish("stopped", stopped)
@@ -293,7 +299,7 @@ def _run_lineages(launch: Callable[..., Launch], reference: Path) -> Runs:
 
 @functools.lru_cache(maxsize=None)
 def _restore_state(run: Path, step: int | None = None) -> tuple[int, dict[str, Any]]:
-  """The full train state (step, params, opt_state, rng) of one checkpoint, on the host.
+  """The full train state (step, params, opt_state, batch_stats) of one checkpoint, on the host.
 
   Cached by (run, step): a written step does not change (the latest, step None,
   is only asked of finished runs; the corrupted step 6 is read before the damage).
@@ -319,8 +325,8 @@ def _flat(state: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def _assert_same_state(state: dict[str, Any], reference: dict[str, Any]) -> None:
-  """Every leaf of two train states (step, params, opt_state, rng, batch_stats) is bitwise equal."""
-  assert set(state) == {"step", "params", "opt_state", "rng", "batch_stats"}
+  """Every leaf of two train states (step, params, opt_state, batch_stats) is bitwise equal."""
+  assert set(state) == {"step", "params", "opt_state", "batch_stats"}
   leaves, ref_leaves = _flat(state), _flat(reference)
   assert sorted(leaves) == sorted(ref_leaves)
   differ = [path for path, a in leaves.items()
@@ -411,11 +417,9 @@ def _restore_latest(study: Study, config: ml_collections.ConfigDict, run: Path) 
   """
   model = models.build_model(config.model)
   optimizer = train.make_optimizer(config.train, total_steps=1)  # the state shape only
-  replicated = sharding.replicated_sharding(sharding.make_mesh())
   shape = tuple(int(s) for s in config.data.shape)
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-      jax.eval_shape(lambda: train.init_state(model, optimizer, config.seed, shape)))
+  abstract = jax.eval_shape(train.make_init(model, optimizer, sharding.make_mesh(), shape),
+                            config.seed)
   train_records = records.split_records(records.load_records(study.manifest, config))["train"]
   data_iter = pipeline.make_train_iterator(train_records, config, seed=config.seed,
                                            batch_size_per_process=config.train.batch_size)

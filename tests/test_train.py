@@ -15,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 
+import poison
 import tiny_data
 from wmh_jax import checkpoint, models, sharding, train
 from wmh_jax.data import pipeline, records
@@ -62,7 +63,7 @@ def test_adadelta_paper_values_decrease_loss(dataset):
   mesh = sharding.make_mesh()
   model = models.build_model(config.model)
   optimizer = train.make_optimizer(config.train)
-  state = sharding.replicate(train.init_state(model, optimizer, 0, config.data.shape), mesh)
+  state = train.make_init(model, optimizer, mesh, tuple(config.data.shape))(0)
   step = train.make_train_step(model, config, optimizer, mesh)
   losses = []
   for _ in range(30):
@@ -102,13 +103,15 @@ def test_restore_for_inference_needs_only_workdir(one_epoch):
   _params_equal(state["params"], restored.variables["params"], atol=0)
 
 
-def test_non_finite_loss_stops_and_keeps_checkpoint(dataset, one_epoch, tmp_path):
+def test_non_finite_loss_stops_and_keeps_checkpoint(dataset, one_epoch, tmp_path, monkeypatch):
   manifest, cache = dataset
   shutil.copytree(one_epoch[1], tmp_path / "run")  # checkpoint at step 3
   config = tiny_data.tiny_config(manifest, cache)
   config.train.num_epochs = 2
-  config.train.debug_nan_step = 4
-  with pytest.raises(TrainingError, match="non-finite loss"):
+  # The resumed run's second batch is step 5.
+  monkeypatch.setattr(pipeline, "make_train_iterator",
+                      poison.poisoning(pipeline.make_train_iterator, 2))
+  with pytest.raises(TrainingError, match="non-finite loss nan at step 5; stopped. Last good checkpoint: step 3"):
     train.run(config, tmp_path / "run")
   restored = checkpoint.restore_for_inference(tmp_path / "run", "latest")
   assert restored.step == 3
@@ -129,25 +132,75 @@ def test_four_devices_match_one(dataset, one_epoch, tmp_path):
   _params_equal(single["params"], four.variables["params"], atol=1e-5)
 
 
-def test_two_processes_match_one(dataset, one_epoch, tmp_path):
-  manifest, cache = dataset
-  single = one_epoch[0]
+def _two_processes(manifest: Path, cache: Path, workdir: Path, out: Path,
+                   args: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())) -> list[dict]:
+  """Runs tests/distributed_worker.py as 2 processes on loopback; returns their results.
+
+  ``args[i]`` are process i's optional worker arguments (EPOCHS, SIGTERM_AT,
+  PACE_S). Each result holds the worker's ``preempted`` and ``step`` and its
+  final ``params`` (npz). Fails on a non-zero exit or a hang (120 s).
+  """
+  out.mkdir(parents=True, exist_ok=True)
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   workers = [subprocess.Popen(
       [sys.executable, str(REPO / "tests" / "distributed_worker.py"), str(port), "2", str(i),
-       str(manifest), str(cache), str(tmp_path / "two"), str(tmp_path / f"p{i}.npz")],
+       str(manifest), str(cache), str(workdir), str(out / f"p{i}.npz"), *args[i]],
       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
-  for w in workers:
-    out, _ = w.communicate(timeout=300)
-    assert w.returncode == 0, out.decode()[-3000:]
-  p0, p1 = (np.load(tmp_path / f"p{i}.npz") for i in range(2))
+  try:
+    outputs = [w.communicate(timeout=120)[0].decode() for w in workers]
+  finally:
+    for w in workers:
+      w.kill()
+  results = []
+  for i, (w, output) in enumerate(zip(workers, outputs)):
+    assert w.returncode == 0, output[-3000:]
+    result = json.loads((out / f"p{i}.npz.json").read_text())
+    results.append({**result, "params": np.load(out / f"p{i}.npz"), "output": output})
+  return results
+
+
+def test_two_processes_match_one(dataset, one_epoch, tmp_path):
+  manifest, cache = dataset
+  single = one_epoch[0]
+  p0, p1 = (r["params"] for r in _two_processes(manifest, cache, tmp_path / "two", tmp_path))
   for key in p0.files:
     np.testing.assert_array_equal(p0[key], p1[key])
   for key, leaf in zip(p0.files, jax.tree.leaves(single["params"]), strict=True):
     np.testing.assert_allclose(p0[key], np.asarray(leaf), atol=1e-5, rtol=0)
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(dataset, tmp_path):
+  """Preemption is collective: one process gets SIGTERM, both save one step and exit 0.
+
+  Then the resumed pair ends bitwise equal to an uninterrupted pair (same
+  program, same 2-process topology, so the same reductions).
+  """
+  manifest, cache = dataset
+  epochs, total = "6", 18  # 3 steps per epoch
+  reference = _two_processes(manifest, cache, tmp_path / "ref", tmp_path / "ref_out",
+                             ((epochs,), (epochs,)))
+  # Only process 1 gets SIGTERM, when it takes its 4th batch (2 batches are
+  # prefetched, so during step 2); 0.1 s per batch leaves the notice time to
+  # reach process 0 before the last step.
+  stopped = _two_processes(manifest, cache, tmp_path / "run", tmp_path / "stop_out",
+                           ((epochs, "0", "0.1"), (epochs, "4", "0.1")))
+  assert [r["preempted"] for r in stopped] == [True, True]
+  step = stopped[0]["step"]
+  assert stopped[1]["step"] == step and 2 <= step < total
+  assert f"SIGTERM: saved step {step}" in stopped[0]["output"]
+  saved = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()
+                 if p.name.isdigit())
+  assert saved[-1] == step
+  resumed = _two_processes(manifest, cache, tmp_path / "run", tmp_path / "resume_out",
+                           ((epochs,), (epochs,)))
+  assert [r["step"] for r in resumed] == [total, total]
+  assert f"resumed {tmp_path / 'run'} at step {step}" in resumed[0]["output"]
+  for mine, ref in zip(resumed, reference):
+    for key in ref["params"].files:
+      np.testing.assert_array_equal(mine["params"][key], ref["params"][key])
 
 
 def test_every_loss_is_independent_of_the_device_count():

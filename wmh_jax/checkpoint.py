@@ -1,7 +1,7 @@
 """Orbax checkpoints: train state, Grain iterator state and the run's config.
 
 Layout: ``workdir/checkpoints/<step>/{state,data_iter,config}``. ``state`` is a
-plain pytree ``{"step", "params", "opt_state", "rng"}`` (plus ``batch_stats``
+plain pytree ``{"step", "params", "opt_state"}`` (plus ``batch_stats``
 for models with running statistics); ``config`` is the
 run's ``ConfigDict`` as JSON, so a checkpoint is self-describing: analysis and
 prediction rebuild the model from the workdir alone. Nothing is pickled.
@@ -41,6 +41,31 @@ def _brief(error: Exception) -> str:
   return f"{type(error).__name__}: {lines[0]}"[:200]
 
 
+class _JsonIteratorState:
+  """Grain's Orbax handler for an iterator that is not a Grain ``DatasetIterator``.
+
+  The handler stores a ``DatasetIterator``'s dict state as JSON, and asks any
+  other iterator for bytes; this gives it the same JSON, so the file does not
+  depend on the wrapper (e.g. :class:`wmh_jax.prefetch.DevicePrefetch`).
+  """
+
+  def __init__(self, iterator: Any):
+    self.iterator = iterator
+
+  def get_state(self) -> bytes:
+    return json.dumps(self.iterator.get_state(), indent=4).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self.iterator.set_state(json.loads(state))
+
+  def start_prefetch(self) -> None:
+    getattr(self.iterator, "start_prefetch", lambda: None)()
+
+
+def _grain_item(iterator: Any) -> Any:
+  return iterator if isinstance(iterator, grain.DatasetIterator) else _JsonIteratorState(iterator)
+
+
 class Checkpointer:
   """Saves and restores one training run under ``workdir/checkpoints``."""
 
@@ -62,7 +87,7 @@ class Checkpointer:
     """Starts an asynchronous save of ``state``, the iterator and the config."""
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data_iter=grain.checkpoint.CheckpointSave(data_iter),
+        data_iter=grain.checkpoint.CheckpointSave(_grain_item(data_iter)),
         config=ocp.args.JsonSave(json.loads(config.to_json())))
     self.manager.save(step, args=args, metrics=metrics, force=True)
 
@@ -94,7 +119,7 @@ class Checkpointer:
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
-            data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+            data_iter=grain.checkpoint.CheckpointRestore(_grain_item(data_iter))))
       except Exception as err:  # pylint: disable=broad-except
         logging.warning("checkpoint step %d is corrupt (%s); trying an earlier one",
                         step, _brief(err))

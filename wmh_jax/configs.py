@@ -106,10 +106,10 @@ def get_config(arg: str | None = None, recipe: dict | None = None) -> ml_collect
   config.train.warmup_steps = 20       # linear warm-up from 0
   config.train.schedule = "cosine"     # constant | cosine (to 0 at the last step)
   config.train.joint_dice_weight = 1.0  # joint: MSE + weight * segmentation loss
-  config.train.log_every_steps = 10
+  config.train.log_every_steps = 10    # steps between metric fetches (the host-device syncs)
+  config.train.prefetch_batches = 2    # global batches placed on the devices ahead of the step
   config.train.checkpoint_keep = 3
   config.train.seeds = (0, 1, 2)       # a sweep; main.py --seeds overrides
-  config.train.debug_nan_step = -1     # test hook: poison the loss at this step
 
   config.cpu_variant_changes = ()
   config.paper_recipe_changes = ()

@@ -10,6 +10,7 @@ the validation records back (learning curves).
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import jax
@@ -61,15 +62,27 @@ def validation_records(path: Path) -> list[dict]:
 
 
 class MetricLogger:
-  """Writes per-step and per-epoch metrics for one run directory."""
+  """Per-step and per-epoch metrics of one run directory, fetched from the device in batches.
+
+  :meth:`add_step` keeps a step's metrics on the device; :meth:`fetch_steps`
+  brings every pending step to the host in one transfer (the only host-device
+  sync of the loop outside validation), and :meth:`write_steps` writes them.
+  Timing is per interval between writes: wall time over steps, and the time
+  spent waiting for data.
+  """
 
   def __init__(self, workdir: Path, *, start_step: int, total_steps: int, batch_size: int):
     self.enabled = jax.process_index() == 0
     self.batch_size = batch_size
-    self.step_times: list[float] = []
-    self.data_waits: list[float] = []
+    self.compile_s: float | None = None
+    self.intervals: list[dict[str, float]] = []
+    self._pending: list[tuple[int, dict]] = []
+    self._wait_s = 0.0
+    self._clock = time.perf_counter()
+    self._clock_steps = 0
     if not self.enabled:
       return
+    self.workdir = workdir
     self.metrics_path = workdir / "metrics.jsonl"
     self.timing_path = workdir / "timing.jsonl"
     for path in (self.metrics_path, self.timing_path):
@@ -79,45 +92,97 @@ class MetricLogger:
     self.bar = tqdm(total=total_steps, initial=start_step, desc=workdir.name,
                     dynamic_ncols=True, mininterval=1.0)
 
-  def _append(self, path: Path, record: dict) -> None:
+  def _append(self, path: Path, records: list[dict]) -> None:
     with path.open("a") as f:
-      f.write(json.dumps(record) + "\n")
+      f.writelines(json.dumps(record) + "\n" for record in records)
 
-  def log_step(self, step: int, metrics: dict[str, float], *, data_wait_s: float,
-               step_time_s: float) -> None:
-    """Records one training step's metrics and its time split."""
-    self.step_times.append(step_time_s)
-    self.data_waits.append(data_wait_s)
-    if not self.enabled:
+  def say(self, message: str) -> None:
+    """One line for the user (process 0), printed above the progress bar."""
+    if self.enabled:
+      self.bar.write(message)
+
+  def restart_clock(self) -> None:
+    """Starts a new timing interval (after compilation, validation or a save)."""
+    self._clock, self._clock_steps, self._wait_s = time.perf_counter(), 0, 0.0
+
+  def add_data_wait(self, seconds: float) -> None:
+    """Time the loop waited for the next batch."""
+    self._wait_s += seconds
+
+  def add_step(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    """Queues a step's metrics (still on the device) and advances the progress bar."""
+    self._pending.append((step, metrics))
+    self._clock_steps += 1
+    if self.enabled:
+      self.bar.update(1)
+
+  def fetch_steps(self) -> list[dict[str, float]]:
+    """The pending steps as ``{"step", **metrics}`` host records, in order; waits for them."""
+    fetched = jax.device_get([metrics for _, metrics in self._pending])
+    records = [{"step": step, **{k: float(v) for k, v in metrics.items()}}
+               for (step, _), metrics in zip(self._pending, fetched)]
+    self._pending = []
+    return records
+
+  def write_steps(self, records: list[dict[str, float]]) -> None:
+    """Writes fetched step records and the timing of the interval they close."""
+    if self._clock_steps:
+      steps = self._clock_steps
+      interval = {"step": records[-1]["step"] if records else 0, "steps": steps,
+                  "step_time_s": (time.perf_counter() - self._clock) / steps,
+                  "data_wait_s": self._wait_s / steps}
+      self.intervals.append(interval)
+      self._clock, self._clock_steps, self._wait_s = time.perf_counter(), 0, 0.0
+      if self.enabled and records:
+        self._append(self.timing_path, [interval])
+    if not self.enabled or not records:
       return
-    self._append(self.metrics_path, {"step": step, **metrics})
-    self._append(self.timing_path, {"step": step, "step_time_s": step_time_s,
-                                    "data_wait_s": data_wait_s})
-    for key, value in metrics.items():
-      self.tb.add_scalar(f"train/{key}", value, step)
-    self.bar.set_postfix(loss=f"{metrics['loss']:.4g}",
-                         vol_s=f"{self.batch_size / max(step_time_s, 1e-9):.2f}")
-    self.bar.update(1)
+    self._append(self.metrics_path, records)
+    for record in records:
+      for key, value in record.items():
+        if key != "step":
+          self.tb.add_scalar(f"train/{key}", value, record["step"])
+    last = self.intervals[-1]["step_time_s"] if self.intervals else float("nan")
+    self.bar.set_postfix(loss=f"{records[-1]['loss']:.4g}",
+                         vol_s=f"{self.batch_size / max(last, 1e-9):.2f}")
 
   def log_eval(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
-    """Records one validation pass."""
+    """Records one validation pass: one line for the user."""
     if not self.enabled:
       return
-    self._append(self.metrics_path, {"step": step, "epoch": epoch, **metrics})
+    self._append(self.metrics_path, [{"step": step, "epoch": epoch, **metrics}])
     for key, value in metrics.items():
       self.tb.add_scalar(f"val/{key}", value, step)
     self.bar.write(f"epoch {epoch} step {step}: " +
                    ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
   def timing_summary(self) -> dict[str, float]:
-    """Median step time (s) and data-wait share of this session's steps (first excluded)."""
-    times, waits = np.array(self.step_times[1:]), np.array(self.data_waits[1:])
-    if times.size == 0:
+    """Median step time (s) and data-wait share over this session's intervals (first excluded)."""
+    intervals = self.intervals[1:]
+    if not intervals:
       return {}
+    times = np.array([i["step_time_s"] for i in intervals])
+    weights = np.array([i["steps"] for i in intervals], np.float64)
+    waits = np.array([i["data_wait_s"] for i in intervals])
     return {"median_step_time_s": float(np.median(times)),
-            "data_wait_share": float(waits.sum() / times.sum())}
+            "data_wait_share": float((waits * weights).sum() / (times * weights).sum())}
 
   def close(self) -> None:
-    if self.enabled:
-      self.tb.close()
-      self.bar.close()
+    """Closes the bar and prints one summary line: steps, time, data wait, compile."""
+    if not self.enabled:
+      return
+    self.tb.close()
+    self.bar.close()
+    timing = self.timing_summary()
+    parts = []
+    if timing:
+      parts.append(f"median {timing['median_step_time_s']:.3f} s/step, data wait "
+                   f"{100 * timing['data_wait_share']:.1f}% of step time")
+    if self.compile_s is not None:
+      parts.append(f"train step compiled (or loaded from the XLA cache) in {self.compile_s:.1f} s")
+      last_step = self.intervals[-1]["step"] if self.intervals else 0
+      self._append(self.timing_path, [{"step": last_step, "compile_s": self.compile_s}])
+    elif self.intervals:
+      parts.append("train step compilation reused")
+    if parts:
+      print(f"{self.workdir.name}: " + "; ".join(parts), flush=True)

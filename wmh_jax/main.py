@@ -8,6 +8,11 @@ A :class:`~wmh_jax.errors.WMHError` (bad manifest, incompatible checkpoint,
 non-finite loss) ends the run with one ``error: <file>: <reason>`` line on
 stderr and exit status 1. SIGTERM saves a checkpoint of the seed in flight and
 ends the sweep (exit status 0); the same command resumes it.
+
+Output: a progress bar, one line per validation and a summary per seed.
+Library INFO logs (Orbax, JAX) appear only with ``--verbosity=0`` (or 1 for
+debug detail); the default shows warnings and errors. Compiled programs are
+kept in the persistent XLA cache (``--compilation_cache``; :mod:`wmh_jax.cli`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from wmh_jax import cli
 from wmh_jax.errors import WMHError
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -59,6 +65,7 @@ def initialize_distributed() -> None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.start()
   initialize_distributed()
   from wmh_jax import train  # pylint: disable=import-outside-toplevel
   config = FLAGS.config

@@ -3,18 +3,17 @@
 One generic loop serves every model kind (weak, strong, joint, severity);
 the kind only selects the model heads (``models.build_model``) and the loss
 (``losses.loss_fn``). The train state is a plain dict
-``{"step", "params", "opt_state", "rng"}`` (plus ``"batch_stats"`` for models
-with running statistics) replicated over the data mesh.
+``{"step", "params", "opt_state"}`` (plus ``"batch_stats"`` for models with
+running statistics) replicated over the data mesh.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import logging
-import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +28,8 @@ from wmh_jax.data import pipeline, records as records_lib
 from wmh_jax.errors import CheckpointError, TrainingError
 from wmh_jax.evaluation import metrics as metrics_lib
 from wmh_jax.logs import MetricLogger
+from wmh_jax.preemption import PreemptionWatch
+from wmh_jax.prefetch import DevicePrefetch
 
 State = dict[str, Any]
 
@@ -59,22 +60,24 @@ def make_optimizer(train_config: ml_collections.ConfigDict,
   raise ValueError(f"unknown optimizer {train_config.optimizer!r}; use adadelta or adam")
 
 
-def init_state(model, optimizer: optax.GradientTransformation, seed: int,
-               image_shape: tuple[int, ...]) -> State:
-  """Initial train state on the host. ``image_shape`` is (x, y, z).
+def make_init(model, optimizer: optax.GradientTransformation, mesh: Mesh,
+              image_shape: tuple[int, ...]):
+  """``seed (int) -> state`` compiled with replicated ``out_shardings``; ``image_shape`` is (x, y, z).
 
-  The state holds ``batch_stats`` too when the model keeps running
-  statistics (``model.pooled_norm="running"``).
+  The state ``{"step", "params", "opt_state"}`` (plus ``batch_stats`` when
+  the model keeps running statistics, ``model.pooled_norm="running"``) is
+  created directly on every device of the mesh. The seed is traced, so one
+  compilation serves a whole seed sweep.
   """
-  def init(rng):
-    variables = model.init(jax.random.wrap_key_data(rng), jnp.zeros((1, *image_shape, 1)))
+  def init(seed):
+    variables = model.init(jax.random.key(seed), jnp.zeros((1, *image_shape, 1)))
     state = {"step": jnp.zeros((), jnp.int32), "params": variables["params"],
-             "opt_state": optimizer.init(variables["params"]), "rng": rng}
+             "opt_state": optimizer.init(variables["params"])}
     if "batch_stats" in variables:
       state["batch_stats"] = variables["batch_stats"]
     return state
 
-  return jax.jit(init)(jax.random.key_data(jax.random.key(seed)))
+  return jax.jit(init, out_shardings=sharding.replicated_sharding(mesh))
 
 
 def model_variables(state: State) -> dict:
@@ -166,27 +169,66 @@ def validation_metrics(kind: str, predictions: dict[str, np.ndarray],
   return {k: float(v) for k, v in result.items()}
 
 
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks, so it can checkpoint and exit."""
+@dataclasses.dataclass
+class Programs:
+  """The jitted functions of one training setting, shared by every seed of a sweep.
 
-  def __init__(self):
-    self.requested = False
-    self._previous = None
+  A new seed with the same config (all but ``seed``), head initialisations,
+  step count and devices reuses them, so a sweep compiles each function once.
+  """
+  model: Any
+  optimizer: optax.GradientTransformation
+  init: Callable[[int], State]
+  step: Callable
+  forward: inference.ForwardFn
+  compiled_step: Any = None
 
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread
-      self._previous = None
-    return self
 
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+_PROGRAMS: dict[str, Programs] = {}  # one entry: the setting of the current sweep
 
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+
+def programs_for(config: ml_collections.ConfigDict, inits: dict[str, float], mesh: Mesh,
+                 total_steps: int) -> Programs:
+  """The :class:`Programs` of this setting, built on first use and then reused."""
+  setting = json.loads(config.to_json())
+  setting.pop("seed")
+  key = json.dumps({"config": setting, "inits": inits, "total_steps": total_steps,
+                    "devices": [int(d.id) for d in mesh.devices.flat]}, sort_keys=True)
+  if key not in _PROGRAMS:
+    _PROGRAMS.clear()
+    model = models.build_model(config.model, **inits, axis_name=sharding.DATA_AXIS)
+    optimizer = make_optimizer(config.train, total_steps)
+    shape = tuple(int(s) for s in config.data.shape)
+    _PROGRAMS[key] = Programs(model, optimizer, make_init(model, optimizer, mesh, shape),
+                              make_train_step(model, config, optimizer, mesh),
+                              inference.make_forward(model, mesh))
+  return _PROGRAMS[key]
+
+
+def compile_step(programs: Programs, state: State, batch: dict) -> float | None:
+  """Compiles the train step for these shapes once; returns the seconds, None if reused."""
+  if programs.compiled_step is not None:
+    return None
+  start = time.perf_counter()
+  programs.compiled_step = programs.step.lower(state, batch).compile()
+  return time.perf_counter() - start
+
+
+def _drain(logger: MetricLogger, ckpt: checkpoint.Checkpointer, workdir: Path) -> None:
+  """Fetches the pending step metrics, writes them, and stops on a non-finite loss.
+
+  Records up to the first non-finite loss are written; the error names that
+  step and the last checkpoint, which was saved after a drain found every
+  earlier loss finite.
+  """
+  records = logger.fetch_steps()
+  bad = next((i for i, r in enumerate(records) if not np.isfinite(r["loss"])), None)
+  logger.write_steps(records if bad is None else records[:bad])
+  if bad is not None:
+    ckpt.wait()
+    raise TrainingError(workdir, f"non-finite loss {records[bad]['loss']} at step "
+                        f"{records[bad]['step']}; stopped. Last good checkpoint: step "
+                        f"{ckpt.latest_step()}")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
@@ -194,13 +236,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
   Returns:
     The last validation metrics (``val_icc``, ``val_score``, ...), plus
-    ``preempted`` = 1.0 when SIGTERM stopped the run early.
+    ``preempted`` = 1.0 when a preemption notice stopped the run early.
   """
   return run(config, workdir)[1]
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[State, dict[str, float]]:
-  """Like :func:`train_and_evaluate`, also returning the final train state."""
+  """Like :func:`train_and_evaluate`, also returning the final train state.
+
+  The host never waits for the device between log steps: step metrics stay
+  on the device and are fetched, checked and written every
+  ``train.log_every_steps`` steps, at epoch ends and before every save.
+  ``train.prefetch_batches`` global batches are placed on the devices ahead.
+  """
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh()
@@ -216,74 +264,65 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[State, 
   if steps_per_epoch == 0:
     raise TrainingError(None, f"{len(train_records)} training scans < batch size {batch_size}")
   total_steps = steps_per_epoch * config.train.num_epochs
-  shape = tuple(int(s) for s in config.data.shape)
-  model = models.build_model(config.model, **head_inits(config, train_records),
-                             axis_name=sharding.DATA_AXIS)
-  optimizer = make_optimizer(config.train, total_steps)
-  host_state = init_state(model, optimizer, config.seed, shape)
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated_sharding(mesh)),
-      host_state)
-  data_iter = pipeline.make_train_iterator(
-      train_records, config, seed=config.seed, process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      batch_size_per_process=sharding.local_batch_size(batch_size))
+  programs = programs_for(config, head_inits(config, train_records), mesh, total_steps)
+  data_iter = DevicePrefetch(
+      pipeline.make_train_iterator(
+          train_records, config, seed=config.seed, process_index=jax.process_index(),
+          process_count=jax.process_count(),
+          batch_size_per_process=sharding.local_batch_size(batch_size)),
+      mesh, config.train.prefetch_batches)
   ckpt = checkpoint.Checkpointer(workdir, keep=config.train.checkpoint_keep)
   try:
-    restored = ckpt.restore_latest(abstract, data_iter, config)
+    restored = ckpt.restore_latest(jax.eval_shape(programs.init, config.seed), data_iter,
+                                   config)
   except CheckpointError:
     ckpt.close()
     raise
-  state = restored if restored is not None else sharding.replicate(host_state, mesh)
+  state = restored if restored is not None else programs.init(config.seed)
   start = int(state["step"])
-  if start:
-    logging.info("resumed %s at step %d", workdir, start)
-
-  step_fn = make_train_step(model, config, optimizer, mesh)
-  forward = inference.make_forward(model, mesh)
   logger = MetricLogger(workdir, start_step=start, total_steps=total_steps,
                         batch_size=batch_size)
+  if start:
+    logger.say(f"resumed {workdir} at step {start}")
+  log_every = max(1, int(config.train.log_every_steps))
   last_val: dict[str, float] = {}
   try:
-    with _Preemption() as preemption:
+    with PreemptionWatch() as preemption:
       for step in range(start, total_steps):
         wait_start = time.perf_counter()
-        local = next(data_iter)
-        data_wait = time.perf_counter() - wait_start
-        if step == config.train.debug_nan_step:
-          local = {**local, "image": local["image"] * np.float32("nan")}
-        state, step_metrics = step_fn(state, sharding.global_batch(local, mesh))
-        step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        if not np.isfinite(step_metrics["loss"]):
-          ckpt.wait()
-          raise TrainingError(workdir, f"non-finite loss {step_metrics['loss']} at step "
-                              f"{step + 1}; stopped. Last good checkpoint: step "
-                              f"{ckpt.latest_step()}")
-        logger.log_step(step + 1, step_metrics, data_wait_s=data_wait,
-                        step_time_s=time.perf_counter() - wait_start)
+        batch = next(data_iter)
+        logger.add_data_wait(time.perf_counter() - wait_start)
+        if programs.compiled_step is None:
+          logger.compile_s = compile_step(programs, state, batch)
+          logger.restart_clock()
+        state, step_metrics = programs.compiled_step(state, batch)
+        logger.add_step(step + 1, step_metrics)
+        stop = preemption.reached(step + 1)
         epoch_end = (step + 1) % steps_per_epoch == 0
+        save = epoch_end or stop or step + 1 == total_steps
+        if save or (step + 1) % log_every == 0:
+          _drain(logger, ckpt, workdir)
         if epoch_end:
           predictions = inference.physical_outputs(
               jax.tree.map(np.asarray, inference.run_batches(
-                  forward, model_variables(state), pipeline.eval_batches(val_records, batch_size),
+                  programs.forward, model_variables(state),
+                  pipeline.eval_batches(val_records, batch_size),
                   mesh, keep_maps=config.model.kind in ("strong", "joint"))),
               volume_scale_ml=config.data.volume_scale_ml, voxel_ml=records_lib.voxel_ml(config))
           last_val = validation_metrics(config.model.kind, predictions, val_records)
           logger.log_eval(step + 1, (step + 1) // steps_per_epoch, last_val)
-        if epoch_end or preemption.requested or step + 1 == total_steps:
+        if save:
           ckpt.save(step + 1, state, data_iter, config,
                     metrics={"val_score": last_val["val_score"]} if epoch_end else None)
-        if preemption.requested:
-          logging.warning("SIGTERM: saved step %d in %s and stopping", step + 1, workdir)
+          logger.restart_clock()
+        if stop:
+          ckpt.wait()
+          logger.say(f"SIGTERM: saved step {step + 1} in {workdir} and stopping")
           return state, {**last_val, "preempted": 1.0}
   finally:
     ckpt.wait()
     ckpt.close()
     logger.close()
-    timing = logger.timing_summary()
-    if timing:
-      logging.info("median step %.3f s, data wait %.1f%% of step time",
-                   timing["median_step_time_s"], 100 * timing["data_wait_share"])
   if not last_val:  # resumed a finished run: report the stored best
     last_val = json.loads((workdir / "final_metrics.json").read_text())
   if jax.process_index() == 0:
