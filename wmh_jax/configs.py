@@ -81,6 +81,24 @@ def get_config(arg: str | None = None, recipe: dict | None = None) -> ml_collect
   config.augment.translate_fraction = 0.2   # uniform ±0.2 of each axis length
   config.augment.rotate_deg = 54.0          # in-plane (about z), uniform ±54°
   config.augment.flip_axes = (0,)           # left-right flip with p=0.5
+  # Domain randomisation (issue 15, wmh_jax/data/domain.py): a random scanner
+  # per sample, image only (mask and volume label unchanged). Independent of
+  # ``augment.enabled``, which switches the geometric part.
+  config.augment.domain = ml_collections.ConfigDict()
+  domain = config.augment.domain
+  domain.enabled = False            # off until its effect on the external domains is measured
+  domain.probability = 0.8          # each of contrast, bias, resolution, noise applied with p
+  domain.gamma = (0.6, 1.65)        # log-uniform, exp(±0.5); SynthSeg codes: log-gamma std 0.4–0.5
+  domain.contrast_knots = 4         # interior knots of the random monotone curve (5 segments)
+  domain.contrast_slope = (0.5, 2.0)  # log-uniform slope per segment: up to 4x between two
+  domain.bias_log_std = (0.0, 0.5)  # std of the log field; SynthSeg codes: bias_field_std 0.3–0.7
+  domain.bias_order = 3             # DCT frequencies 0..3 per axis (SPM's smooth bias model)
+  domain.inplane_resolution_mm = (1.0, 2.0)  # clinical FLAIR; no-op where x/y spacing >= it
+  domain.slice_thickness_mm = (3.0, 8.0)     # clinical 2D FLAIR; no-op where z spacing >= it
+  domain.noise_std = (0.0, 0.08)    # of the [0,1] range: 0.08 = SNR ~6 at white matter (~0.5)
+  domain.rician_probability = 0.5   # magnitude (Rician) noise, else Gaussian
+  domain.low_percentile = (0.0, 2.0)  # re-normalisation: brain percentile -> 0 (paper/default 1)
+  domain.high_percentile = (97.0, 100.0)  # -> 1 (paper 99, default 99.9); 97 saturates lesions
 
   # ---- input pipeline ---------------------------------------------------------
   config.loader = ml_collections.ConfigDict()

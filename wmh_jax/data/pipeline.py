@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from wmh_jax.data import augment, nifti
+from wmh_jax.data import augment, domain, nifti
 
 
 def load_record(record: dict) -> dict[str, np.ndarray]:
@@ -87,7 +87,9 @@ class AugmentRecord(grain.transforms.MapWithIndex):
   (``index // num_records``); the random draw comes from
   :func:`record_rng`. Records without a mask keep their brain in the field of
   view (their volume label must stay valid); records with a mask get their
-  label recomputed from the transformed mask.
+  label recomputed from the transformed mask. With ``augment.domain.enabled``
+  the image first goes through :func:`wmh_jax.data.domain.randomise` (its
+  own generator, :func:`wmh_jax.data.domain.domain_rng`; image only).
   """
 
   def __init__(self, seed: int, num_records: int,
@@ -100,8 +102,13 @@ class AugmentRecord(grain.transforms.MapWithIndex):
     image, mask = element["image"][..., 0], element["mask"][..., 0]
     has_mask = bool(element["has_mask"])
     volume_ml = element["volume_ml"]
+    epoch = index // self._num_records
+    config_domain = self._augment.get("domain")
+    if config_domain is not None and config_domain.enabled:  # image only, own stream
+      image = domain.randomise(domain.domain_rng(self._seed, element["record_index"], epoch),
+                               image, element["brain"], element["spacing_mm"], config_domain)
     if self._augment.enabled:
-      rng = record_rng(self._seed, element["record_index"], index // self._num_records)
+      rng = record_rng(self._seed, element["record_index"], epoch)
       matrix = augment.sample_affine(rng, image.shape, element["spacing_mm"], self._augment,
                                      keep_in_fov=None if has_mask else element["brain"])
       image, moved = augment.apply_affine(image, mask if has_mask else None, matrix)
