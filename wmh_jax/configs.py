@@ -114,6 +114,20 @@ def get_config(arg: str | None = None, recipe: dict | None = None) -> ml_collect
   config.cpu_variant_changes = ()
   config.paper_recipe_changes = ()
   _set(config, recipe or {})
+  return apply_flags(config, arg)
+
+
+def apply_flags(config: ml_collections.ConfigDict, arg: str | None
+                ) -> ml_collections.ConfigDict:
+  """Applies the config-file argument to ``config`` (in place) and returns it.
+
+  ``paper`` first (:func:`apply_paper_recipe`), then ``cpu``
+  (:func:`apply_cpu_variant`), so ``:cpu,paper`` is the paper recipe at CPU size.
+  Experiment files set their recipe, then call this last.
+
+  Raises:
+    ValueError: an unknown flag.
+  """
   flags = parse_flags(arg)
   if "paper" in flags:
     apply_paper_recipe(config)
