@@ -12,7 +12,8 @@ Command (3 seeds, §2.3 "repeated three times"):
 
 Expected wall time, 2 CPU cores: ``:cpu`` about 8 min of training per seed (720
 steps at ~0.5 s; BUILD_NOTES.md, "Making the networks learn"), plus about 1.6 min
-to build the built-in cohort the first time (README.md); paper scale (no argument) is a GPU job.
+to build the built-in cohort the first time (README.md); paper scale (no
+argument) is a GPU job.
 
 Arguments (comma-separated, like big_vision's ``runlocal``):
   cpu    a run that fits 2 CPU cores: 56x64x16 grid at 2.8x2.8x8.4 mm, 8 base

@@ -11,9 +11,8 @@ Command (3 seeds, §2.3 "repeated three times"):
 
 Expected wall time, 2 CPU cores: ``:cpu`` about 11–12 min for the first seed,
 including building the built-in cohort once (~1.6 min) and 720 training steps
-(~8.5 min) at ~0.5 s each
-(README.md "Two commands"; BUILD_NOTES.md, "Making the networks learn"); paper scale (no argument) about 2 min per step:
-a GPU job.
+(~8.5 min) at ~0.5 s each (README.md "Two commands"; BUILD_NOTES.md, "Making
+the networks learn"); paper scale (no argument) about 2 min per step: a GPU job.
 
 Arguments (comma-separated, like big_vision's ``runlocal``):
   cpu    a run that fits 2 CPU cores: 56x64x16 grid at 2.8x2.8x8.4 mm, 8 base
