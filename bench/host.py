@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from bench import report
-from wmh_jax import inference, models, predict, sharding, train
+from wmh_jax import inference, models, networks, predict, sharding, train
 from wmh_jax.data import augment, records
 
 AUGMENT_SHAPE = (112, 128, 32)
@@ -218,7 +218,7 @@ def time_inference(config: ml_collections.ConfigDict, scans_dir: Path,
   """Runs ``predict.predict`` on the first ``repeats + 1`` scans of ``scans_dir``.
 
   The model has untrained parameters (``train.make_init``), wrapped as a
-  ``predict.Model`` exactly as ``predict.load_models`` builds one.
+  ``networks.Network`` exactly as ``networks.load_networks`` builds one.
   """
   mesh = sharding.make_mesh()
   model = models.build_model(config.model)
@@ -226,7 +226,7 @@ def time_inference(config: ml_collections.ConfigDict, scans_dir: Path,
   state = train.make_init(model, train.make_optimizer(config.train, total_steps=1), mesh,
                           shape)(config.seed)
   kind = config.model.kind
-  loaded = predict.Model(
+  loaded = networks.Network(
       name=kind, group=kind, kind=kind, spec=records.preprocess_spec(config),
       volume_scale_ml=float(config.data.volume_scale_ml), voxel_ml=records.voxel_ml(config),
       source=f"untrained {kind}", variables=sharding.replicate(train.model_variables(state), mesh),

@@ -8,6 +8,18 @@ from typing import Callable
 import nibabel as nib
 import numpy as np
 import pytest
+from absl import flags
+
+
+@pytest.fixture(autouse=True, scope="session")
+def absl_flags_parsed() -> None:
+  """Grain worker processes (``loader.worker_count > 0``) read absl flags.
+
+  ``python -m wmh_jax.main`` parses them in ``app.run``; the library leaves
+  absl's global state to its callers, so the test session marks them parsed.
+  """
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
 
 
 @pytest.fixture

@@ -14,16 +14,17 @@ import numpy as np
 import pytest
 
 import tiny_data
-from wmh_jax import analysis, logs, predict, report, sharding
+from wmh_jax import analysis, logs, networks, report, sharding
 from wmh_jax import study as study_lib
 from wmh_jax.data import cache, manifest, pipeline, records
 from wmh_jax.errors import CheckpointError, WMHError
-from wmh_jax.evaluation import attention, baselines, metrics, stats
+from wmh_jax.evaluation import attention, baselines, figures, floors, metrics, stats
+from wmh_jax.evaluation import scans as scans_lib, tables as tables_lib
 
 TABLES = ("networks", "datasets", "icc", "icc_mean", "comparison", "baselines", "challenge",
           "confounders", "dice_vs_icc", "severity")
 FIGURES = ("icc_per_dataset", "examples", "scatter", "bland_altman", "learning_curves")
-HISTOGRAM, THRESHOLD = analysis.BASELINES["histogram"], analysis.BASELINES["threshold"]
+HISTOGRAM, THRESHOLD = floors.BASELINES["histogram"], floors.BASELINES["threshold"]
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("study_config", REPO / "experiments" / "study.py")
 study_lib_config = importlib.util.module_from_spec(_spec)
@@ -201,14 +202,14 @@ def test_baseline_rows_equal_baselines_fitted_on_the_training_split(study):
 
 
 def test_per_scan_values_match_the_predict_cli_path(study):
-  """Volume and Dice of one scan per run, recomputed through predict.predict_image."""
+  """Volume and Dice of one scan per run, recomputed through networks.predict_image."""
   rows = _read(study["out"] / "predictions.csv")
   config = study["config"]
   record = records.load_records(study["ext"], config, assign=False)[0]
   loaded = pipeline.load_record(record)
   mesh = sharding.make_mesh()
-  for model in predict.load_models([str(study["root"] / k) for k in ("weak", "strong")], mesh):
-    out = predict.predict_image(model, loaded["image"][..., 0], mesh)
+  for model in networks.load_networks([str(study["root"] / k) for k in ("weak", "strong")], mesh):
+    out = networks.predict_image(model, loaded["image"][..., 0], mesh)
     if model.kind == "weak":
       count = attention.predicted_voxels(out["volume_ml"], model.spec.spacing_mm)
       seg = attention.threshold_to_volume(out["attention"], count)
@@ -252,9 +253,9 @@ def test_tables_figures_and_report_are_written(study):
 
 
 def test_learning_curves_equal_the_metrics_logs(study):
-  networks = analysis.load_networks([study["root"] / k for k in ("weak", "strong")],
-                                    sharding.make_mesh())
-  curves = analysis.learning_curves(networks)
+  loaded = networks.load_networks([study["root"] / k for k in ("weak", "strong")],
+                                  sharding.make_mesh())
+  curves = figures.learning_curves(loaded)
   assert [(c.run, c.seed, c.metric) for c in curves] == [("weak", 0, "val_icc"),
                                                           ("strong", 0, "val_dice")]
   for curve in curves:
@@ -299,7 +300,7 @@ def test_summarise_confounders_correlation_and_severity():
   rows += [{"run": "sev", "kind": "severity", "seed": 0, "dataset": "local", "scan_id": f"s{i}",
             "annotated_ml": annotated[i], "predicted_ml": math.nan, "severity": int(truth[i]),
             "predicted_severity": int(min(truth[i] + i % 2, 4))} for i in range(12)]
-  tables = analysis.summarise(rows, n_boot=20, seed=0)
+  tables = tables_lib.summarise(rows, n_boot=20, seed=0)
 
   fit = tables["confounders"].rows[2]
   weak2 = [r for r in rows if r["seed"] == 2 and r["kind"] == "weak"]
@@ -340,11 +341,11 @@ def test_floor_table_and_report_say_which_networks_beat_the_baselines(tmp_path):
               + rows("strong", "strong", 0, 20.0, 0.6) + rows(HISTOGRAM, "baseline", None, 2.0,
                                                               math.nan)
               + rows(THRESHOLD, "baseline", None, 4.0, 0.3))
-  tables = analysis.summarise(all_rows, n_boot=20, seed=0)
+  tables = tables_lib.summarise(all_rows, n_boot=20, seed=0)
   assert tables["dice_vs_icc"].rows[0]["networks"] == 3  # 3 seeds; the baselines left out
-  floor = analysis.Floor(dict(analysis.BASELINES), baselines.HistogramVolumeRegression(),
+  floor = floors.Floor(dict(floors.BASELINES), baselines.HistogramVolumeRegression(),
                          baselines.ThresholdSegmentation(), sets={})
-  table = analysis.floor_table(tables["icc_mean"], {"weak": floor, "strong": floor})
+  table = tables_lib.floor_table(tables["icc_mean"], {"weak": floor, "strong": floor})
   icc = {r["run"]: r["icc_2_1"] for r in tables["icc_mean"].rows}
   assert icc["weak"] > icc[HISTOGRAM] > icc[THRESHOLD] > icc["strong"]
   assert [(r["run"], r["beats_histogram_icc"], r["beats_threshold_icc"],
@@ -363,20 +364,20 @@ def test_segmentation_metrics_drop_other_pathology_from_challenge_dice():
   labels[1:3, 1:3, 1] = 1
   labels[4:6, 4:6, 1] = 2
   seg = labels > 0  # covers the WMH and the other-pathology region
-  reference = analysis.Reference(labels, np.eye(4), (1.0, 1.0, 1.0))
-  row = analysis.segmentation_metrics({"seg": seg}, reference)
+  reference = scans_lib.Reference(labels, np.eye(4), (1.0, 1.0, 1.0))
+  row = scans_lib.segmentation_metrics({"seg": seg}, reference)
   assert row["dice"] == pytest.approx(2 * 4 / (4 + 8))
   assert row["challenge_dice"] == pytest.approx(1.0)
-  assert math.isnan(analysis.segmentation_metrics({"seg": seg}, None)["dice"])
+  assert math.isnan(scans_lib.segmentation_metrics({"seg": seg}, None)["dice"])
 
 
 def test_dataset_names_and_errors(study, tmp_path):
-  assert analysis.dataset_name(Path("a/wmhseg/manifest.csv")) == "wmhseg"
-  assert analysis.dataset_name(Path("lists/msseg.csv")) == "msseg"
+  assert records.dataset_name(Path("a/wmhseg/manifest.csv")) == "wmhseg"
+  assert records.dataset_name(Path("lists/msseg.csv")) == "msseg"
   config = copy.deepcopy(study["config"])
   config.data.external_manifests = f"{study['ext']},{study['root'] / 'x' / 'ext.csv'}"
   with pytest.raises(WMHError, match="'ext' is taken"):
-    analysis.external_manifests(config)
+    records.external_manifests(config)
   assert analysis.main([f"--runs={tmp_path / 'nothing'}", f"--out={tmp_path / 'o'}"]) == 2
   assert analysis.main([f"--runs={study['root'] / 'weak'}", f"--out={tmp_path / 'o'}",
                         "--datasets=nope"]) == 2

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import tiny_data
-from wmh_jax import predict, sharding, train
+from wmh_jax import networks, predict, sharding, train
 from wmh_jax.data import cache, manifest, nifti, records
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,9 +164,9 @@ def test_models_on_different_grids_get_their_own_preprocessing(runs, tmp_path, m
   """Two stand-in "strong" models (probability = input image) on two grids."""
   specs = {"fine": nifti.PreprocessSpec((16, 16, 8), (1.5, 1.5, 1.5)),
            "coarse": nifti.PreprocessSpec((8, 8, 4), (3.0, 3.0, 3.0))}
-  stand_ins = [predict.Model(name, name, "strong", spec, 1.0,
-                             float(np.prod(spec.spacing_mm)) / 1000, name, {},
-                             lambda params, x: {"seg_prob": x[..., 0]})
+  stand_ins = [networks.Network(name, name, "strong", spec, 1.0,
+                                float(np.prod(spec.spacing_mm)) / 1000, name, {},
+                                lambda params, x: {"seg_prob": x[..., 0]})
                for name, spec in specs.items()]
   calls = []
   real_preprocess = nifti.preprocess
@@ -275,7 +275,7 @@ def test_tta_average_flips_maps_back():
   rng = np.random.default_rng(0)
   prob = rng.uniform(size=(4, 3, 2)).astype(np.float32)
   raw = {"seg_prob": np.stack([prob, prob[::-1]]), "volume": np.array([1.0, 3.0])}
-  out = predict._average_tta(raw)  # pylint: disable=protected-access
+  out = networks._average_tta(raw)  # pylint: disable=protected-access
   np.testing.assert_allclose(out["seg_prob"], prob[None], rtol=1e-6)
   np.testing.assert_allclose(out["volume"], [2.0])
 
@@ -323,10 +323,11 @@ def test_csv_columns_per_kind():
   spec = nifti.PreprocessSpec((16, 16, 8), (1.5, 1.5, 1.5))
 
   def model(name, group, kind):
-    return predict.Model(name, group, kind, spec, 1.0, 1.0, "", None, None)
+    return networks.Network(name, group, kind, spec, 1.0, 1.0, "", None, None)
 
-  groups = predict.group_models([model("w_seed_0", "w", "weak"), model("w_seed_1", "w", "weak"),
-                                 model("j", "j", "joint"), model("sev", "sev", "severity")])
+  groups = networks.group_networks([model("w_seed_0", "w", "weak"),
+                                    model("w_seed_1", "w", "weak"), model("j", "j", "joint"),
+                                    model("sev", "sev", "severity")])
   assert predict.csv_columns(groups) == [
       "scan_id", "path", "status",
       "w_seed_0_volume_ml", "w_seed_1_volume_ml", "w_mean_ml", "w_sd_ml",

@@ -15,6 +15,8 @@ file takes an argument of comma-separated flags
 
 from __future__ import annotations
 
+import json
+
 import ml_collections
 
 FLAGS = ("cpu", "paper")
@@ -127,11 +129,61 @@ def get_config(arg: str | None = None, recipe: dict | None = None) -> ml_collect
   config.train.log_every_steps = 10    # steps between metric fetches (the host-device syncs)
   config.train.prefetch_batches = 2    # global batches placed on the devices ahead of the step
   config.train.checkpoint_keep = 3
-  config.train.seeds = (0, 1, 2)       # a sweep; main.py --seeds overrides
 
   config.cpu_variant_changes = ()
   config.paper_recipe_changes = ()
   _set(config, recipe or {})
+  return apply_flags(config, arg)
+
+
+# Fields that change how a run executes, not what it computes (the worker
+# count is tested not to change batches; metric fetches and prefetching do not
+# change the arithmetic).
+RUNTIME_FIELDS = ("train.log_every_steps", "train.prefetch_batches", "train.checkpoint_keep",
+                  "loader.worker_count", "loader.worker_buffer_size")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+  flat: dict[str, object] = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def changed_fields(stored: dict, wanted: dict) -> list[str]:
+  """Dotted fields in which two configs (plain JSON dicts) would train differently.
+
+  :data:`RUNTIME_FIELDS` are ignored, and so are fields only ``stored`` has
+  (removed since: they no longer select anything). A field only ``wanted``
+  has (added since) counts only if it differs from :func:`get_config`'s
+  default, the behaviour of the code that wrote ``stored``.
+  """
+  old, new = _flatten(stored), _flatten(wanted)
+  default = _flatten(json.loads(get_config().to_json()))
+  changed = []
+  for key, value in sorted(new.items()):
+    if key in RUNTIME_FIELDS:
+      continue
+    reference = old[key] if key in old else default.get(key)
+    if json.dumps(reference) != json.dumps(value):
+      changed.append(key)
+  return changed
+
+
+def apply_flags(config: ml_collections.ConfigDict, arg: str | None
+                ) -> ml_collections.ConfigDict:
+  """Applies the config-file argument to ``config`` (in place) and returns it.
+
+  ``paper`` first (:func:`apply_paper_recipe`), then ``cpu``
+  (:func:`apply_cpu_variant`), so ``:cpu,paper`` is the paper recipe at CPU size.
+  Experiment files set their recipe, then call this last.
+
+  Raises:
+    ValueError: an unknown flag.
+  """
   flags = parse_flags(arg)
   if "paper" in flags:
     apply_paper_recipe(config)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -34,3 +37,23 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
   """Writes ``text`` (UTF-8) to ``path`` atomically."""
   with atomic_path(path) as tmp:
     tmp.write_text(text, encoding="utf-8")
+
+
+def _cell(value: Any) -> str:
+  """CSV cell: floats in full precision (``nan`` for NaN), None as empty."""
+  if value is None:
+    return ""
+  if isinstance(value, float):
+    return repr(value)
+  return str(value)
+
+
+def write_csv(path: str | os.PathLike, columns: Sequence[str],
+              rows: Sequence[Mapping[str, Any]]) -> None:
+  """Atomically (re)writes a CSV of ``rows`` with header ``columns`` (missing cells empty)."""
+  buffer = io.StringIO()
+  writer = csv.writer(buffer, lineterminator="\n")
+  writer.writerow(columns)
+  for row in rows:
+    writer.writerow([_cell(row.get(c)) for c in columns])
+  atomic_write_text(path, buffer.getvalue())

@@ -1,74 +1,18 @@
 """Inference CLI: WMH volume (mL) and native-space maps for new FLAIR scans.
 
-Usage::
-
-  python -m wmh_jax.predict --checkpoints=runs/weak[,runs/strong,...] --out=preds/ \\
-      [--tta] [--resume] [--which=best|latest] SCAN.nii.gz ... | FOLDER | MANIFEST.csv
-
-Inputs are NIfTI files, folders (every ``*.nii`` / ``*.nii.gz`` directly inside,
-sorted) or manifest CSVs (their ``scan_id`` and ``image`` columns), in any mix.
-
-Models. Each ``--checkpoints`` entry is a *group*: a single-run workdir, or a
-seed-sweep workdir whose ``seed_*/`` runs form an ensemble. Every run is
-restored from its Orbax checkpoint alone (the config comes from the
-checkpoint); weak, strong, joint and severity models are all accepted. Model
-names are ``<workdir name>_<seed dir>`` (e.g. ``weak_seed_0``) or the workdir
-name for a single run; the group is named after the workdir. All runs of one
-group must share the model kind and grid. Runs with the same architecture share
-one compiled forward, reused for every scan.
-
-Preprocessing is :func:`wmh_jax.data.nifti.preprocess` with the run's
-:func:`wmh_jax.data.records.preprocess_spec`, exactly as in training: each scan
-is loaded once and preprocessed once per distinct grid.
-
-Outputs under ``--out``:
-
-* ``volumes.csv``, one row per scan, in input order: ``scan_id``, ``path``,
-  ``status`` (``ok`` or the reason the scan failed); per model
-  ``<model>_volume_ml`` (weak/joint: regression head; strong: voxels with
-  p > 0.5), ``<model>_soft_volume_ml`` (strong/joint: sum of probabilities),
-  ``<model>_seg_volume_ml`` (joint: voxels with p > 0.5),
-  ``<model>_severity`` (severity class); per group the ensemble over seeds
-  ``<group>_mean_ml`` / ``<group>_sd_ml`` of ``volume_ml`` (likewise
-  ``_soft_`` and ``_seg_`` for the other volumes) with the sample SD
-  (ddof=1), which is NaN (written ``nan``) for a single seed, and
-  ``<group>_severity_vote``, the majority class over seeds (ties: the lower
-  class);
-  ``<group>_model_spacing_mm`` / ``<group>_model_shape`` (the preprocessing
-  grid); ``native_spacing_mm`` / ``native_shape`` (the file's own grid,
-  ``AxBxC``).
-* ``<scan>/<group>_<map>.nii.gz`` on the scan's native grid with its original
-  affine (:func:`save_native`): ``attention`` (trilinear) and
-  ``attention_mask`` (weak/joint: the ``round(mean_ml / model voxel mL)``
-  highest-attention model voxels, paper §2.2, mapped back
-  volume-preservingly), ``prob`` and ``mask`` (strong/joint: p > 0.5). For an
-  ensemble the maps are the voxel-wise mean over seeds, and the masks are made
-  from those means (so a group's mask volume can differ from its mean volume).
-* ``<scan>/done.json``, written last, holding the scan's row; ``--resume`` skips
-  scans whose ``done.json`` matches the current models and TTA setting.
-
-``--tta`` adds a left-right flipped copy (model-grid x, RAS axis 0) to the
-batch; the flipped outputs are flipped back and the raw outputs (volume,
-maps, logits) of both passes are averaged before thresholds and classes are
-derived, so the written mask matches the reported thresholded volume.
-
-Bad inputs (``InputError``: unreadable, not 3D, NaN, all zero, absurd
-spacing...) are reported on one stderr line and get their reason as
-``status``; the other scans are still processed. The exit code is 1 when any
-scan failed, 2 for a usage error (no inputs, bad manifest, bad checkpoint).
-``volumes.csv`` and ``done.json`` are replaced atomically after every scan, and
-NIfTI maps are written atomically, so an interrupted run leaves no partial
-file. Prediction runs in one process over all its local devices: each scan's
-batch (1 image, 2 with ``--tta``) is zero-padded to a multiple of the device
-count.
+Reads NIfTI files, folders or manifests; preprocesses each scan exactly as in
+training (:func:`wmh_jax.data.nifti.preprocess`, once per distinct grid); runs
+every network of every group (:mod:`wmh_jax.networks`; a seed sweep is an
+ensemble); writes ``volumes.csv`` (:func:`csv_columns`), native-space NIfTI maps
+(:func:`group_maps`, :func:`save_native`) and a per-scan ``done.json`` for
+``--resume``. A bad scan gets its reason as ``status`` and the others carry on.
+Usage, outputs and exit codes: README.md, "Prediction on new scans".
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import io
 import json
 import os
 import re
@@ -82,9 +26,9 @@ import numpy as np
 import tqdm
 from jax.sharding import Mesh
 
-from wmh_jax import checkpoint, fileio, inference, models as models_lib, sharding
-from wmh_jax.data import manifest, nifti, records
-from wmh_jax.errors import CheckpointError, WMHError
+from wmh_jax import fileio, networks, sharding
+from wmh_jax.data import manifest, nifti
+from wmh_jax.errors import WMHError
 from wmh_jax.evaluation import attention as attention_lib
 
 # Per-model CSV columns (keys of inference.physical_outputs) by model kind.
@@ -163,138 +107,7 @@ def collect_inputs(args: Sequence[str]) -> list[ScanInput]:
 
 
 # ---------------------------------------------------------------------------
-# Models
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Model:
-  """One restored run, ready for inference.
-
-  Attributes:
-    name: CSV column prefix, e.g. ``weak_seed_0``.
-    group: ensemble name (the ``--checkpoints`` workdir name).
-    kind: weak | strong | joint | severity.
-    spec: its preprocessing grid.
-    volume_scale_ml: regression target scale (mL per target unit).
-    voxel_ml: volume of one model-grid voxel (mL).
-    source: ``<workdir>@<step>``, identifies the weights for ``--resume``.
-    variables: Flax variables replicated over the mesh.
-    forward: compiled ``variables, images (B,x,y,z,1) -> outputs``.
-  """
-  name: str
-  group: str
-  kind: str
-  spec: nifti.PreprocessSpec
-  volume_scale_ml: float
-  voxel_ml: float
-  source: str
-  variables: Any
-  forward: inference.ForwardFn
-
-
-def _names(workdir: Path, runs: list[Path]) -> tuple[str, list[str]]:
-  """(group name, model names) of one ``--checkpoints`` entry."""
-  workdir = workdir.absolute()
-  if runs == [workdir]:
-    name = (f"{workdir.parent.name}_{workdir.name}" if workdir.name.startswith("seed_")
-            else workdir.name)
-    return name, [name]
-  return workdir.name, [f"{workdir.name}_{run.name}" for run in runs]
-
-
-def load_models(workdirs: Sequence[str], mesh: Mesh, which: str = "best") -> list[Model]:
-  """Restores every run of every workdir (seed sweeps expand to their seeds).
-
-  Raises:
-    CheckpointError: no readable checkpoint, two groups with one name, or
-      runs of one group that differ in model kind or grid.
-  """
-  loaded: list[Model] = []
-  forwards: dict[str, inference.ForwardFn] = {}
-  for workdir in workdirs:
-    runs = [run.absolute() for run in checkpoint.run_dirs(workdir)]
-    group, names = _names(Path(workdir), runs)
-    if any(m.group == group for m in loaded):
-      raise CheckpointError(workdir, f"a second model group named {group!r}; "
-                            "rename one of the workdirs")
-    for name, run in zip(names, runs):
-      restored = checkpoint.restore_for_inference(run, which)
-      config = restored.config
-      arch = config.model.to_json(sort_keys=True)
-      if arch not in forwards:
-        forwards[arch] = inference.make_forward(models_lib.build_model(config.model), mesh)
-      model = Model(name=name, group=group, kind=config.model.kind,
-                    spec=records.preprocess_spec(config),
-                    volume_scale_ml=float(config.data.volume_scale_ml),
-                    voxel_ml=records.voxel_ml(config), source=f"{run}@{restored.step}",
-                    variables=sharding.replicate(restored.variables, mesh), forward=forwards[arch])
-      first = next((m for m in loaded if m.group == group), model)
-      if (model.kind, model.spec) != (first.kind, first.spec):
-        raise CheckpointError(run, f"differs from {first.name} in model kind or grid "
-                              f"({model.kind} {model.spec} vs {first.kind} {first.spec})")
-      loaded.append(model)
-  return loaded
-
-
-def group_models(models: Sequence[Model]) -> dict[str, list[Model]]:
-  """Models by group, in load order."""
-  groups: dict[str, list[Model]] = {}
-  for model in models:
-    groups.setdefault(model.group, []).append(model)
-  return groups
-
-
-# ---------------------------------------------------------------------------
-# Inference and ensembles
-
-
-def _padded_batch(images: np.ndarray, devices: int) -> dict[str, np.ndarray]:
-  """``images`` (n,x,y,z,1) zero-padded to a multiple of ``devices``, + ``valid`` (B,)."""
-  n = len(images)
-  total = -(-n // devices) * devices
-  padded = np.zeros((total,) + images.shape[1:], np.float32)
-  padded[:n] = images
-  return {"image": padded, "valid": (np.arange(total) < n).astype(np.float32)}
-
-
-def _average_tta(raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Rows (original, x-flipped) -> one row: maps flipped back, then all outputs averaged."""
-  out = {}
-  for key, value in raw.items():
-    if value.ndim == 4:  # (2, x, y, z) voxel maps
-      value = np.stack([value[0], value[1, ::-1]])
-    out[key] = value.mean(axis=0, keepdims=True)
-  return out
-
-
-def predict_image(model: Model, image: np.ndarray, mesh: Mesh, tta: bool = False
-                  ) -> dict[str, Any]:
-  """One preprocessed image through one model.
-
-  Args:
-    model: from :func:`load_models`.
-    image: float32 ``model.spec.shape`` (x, y, z) preprocessed image.
-    tta: also run the model-grid x-flipped image and average (see module doc).
-
-  Returns:
-    :func:`wmh_jax.inference.physical_outputs` of the scan without the batch
-    axis: volumes (float, mL), ``severity`` (int), maps ``(x, y, z)``.
-
-  Raises:
-    WMHError: when the model output is not finite.
-  """
-  images = image[None, ..., None]
-  if tta:
-    images = np.concatenate([images, images[:, ::-1]])
-  raw = inference.run_batches(model.forward, model.variables, [_padded_batch(images, mesh.size)], mesh,
-                              keep_maps=True)
-  if not all(np.isfinite(v).all() for v in raw.values()):
-    raise WMHError(model.source, "non-finite model output")
-  if tta:
-    raw = _average_tta(raw)
-  outputs = inference.physical_outputs(raw, volume_scale_ml=model.volume_scale_ml,
-                                       voxel_ml=model.voxel_ml)
-  return {k: v[0] if v.ndim > 1 else v[0].item() for k, v in outputs.items()}
+# Ensembles
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
@@ -313,7 +126,7 @@ def ensemble(outputs: Sequence[dict[str, Any]]) -> dict[str, Any]:
   """Aggregates one group's per-seed outputs for one scan.
 
   Args:
-    outputs: :func:`predict_image` results of the group's models.
+    outputs: :func:`wmh_jax.networks.predict_image` results of the group's models.
 
   Returns:
     ``mean_ml``/``sd_ml`` of ``volume_ml`` (and ``seg_``/``soft_`` of the
@@ -372,7 +185,7 @@ def save_native(path: Path, model_map: np.ndarray, geometry: nifti.Geometry, ord
   nifti.save_nifti(path, native, geometry.native_affine)
 
 
-def csv_columns(groups: dict[str, list[Model]]) -> list[str]:
+def csv_columns(groups: dict[str, list[networks.Network]]) -> list[str]:
   """volumes.csv header for these model groups (see module docstring)."""
   columns = ["scan_id", "path", "status"]
   for group, models in groups.items():
@@ -399,30 +212,11 @@ def _triple(values: Sequence[float]) -> str:
   return "x".join(f"{float(v):g}" for v in values)
 
 
-def _format(value: Any) -> str:
-  """CSV cell: floats in full precision (``nan`` for NaN), None as empty."""
-  if value is None:
-    return ""
-  if isinstance(value, float):
-    return repr(value)
-  return str(value)
-
-
-def write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
-  """Atomically (re)writes volumes.csv."""
-  buffer = io.StringIO()
-  writer = csv.writer(buffer, lineterminator="\n")
-  writer.writerow(columns)
-  for row in rows:
-    writer.writerow([_format(row.get(c)) for c in columns])
-  fileio.atomic_write_text(path, buffer.getvalue())
-
-
 # ---------------------------------------------------------------------------
 # One scan
 
 
-def _base_row(item: ScanInput, groups: dict[str, list[Model]]) -> dict[str, Any]:
+def _base_row(item: ScanInput, groups: dict[str, list[networks.Network]]) -> dict[str, Any]:
   """Row fields known before the scan is read."""
   row: dict[str, Any] = {"scan_id": item.scan_id, "path": os.path.abspath(item.path)}
   for group, models in groups.items():
@@ -431,7 +225,7 @@ def _base_row(item: ScanInput, groups: dict[str, list[Model]]) -> dict[str, Any]
   return row
 
 
-def _predict_scan(item: ScanInput, groups: dict[str, list[Model]], mesh: Mesh, tta: bool,
+def _predict_scan(item: ScanInput, groups: dict[str, list[networks.Network]], mesh: Mesh, tta: bool,
                   timing: dict[str, float]
                   ) -> tuple[dict[str, Any], dict[str, dict],
                              dict[nifti.PreprocessSpec, nifti.Geometry]]:
@@ -449,7 +243,7 @@ def _predict_scan(item: ScanInput, groups: dict[str, list[Model]], mesh: Mesh, t
   row: dict[str, Any] = {}
   ensembles = {}
   for group, models in groups.items():
-    outputs = [predict_image(m, pre[m.spec].image, mesh, tta) for m in models]
+    outputs = [networks.predict_image(m, pre[m.spec].image, mesh, tta) for m in models]
     for model, out in zip(models, outputs):
       row.update({f"{model.name}_{k}": out[k] for k in MODEL_COLUMNS[model.kind]})
     ensembles[group] = ensemble(outputs)
@@ -461,7 +255,7 @@ def _predict_scan(item: ScanInput, groups: dict[str, list[Model]], mesh: Mesh, t
   return row, ensembles, {spec: p.geometry for spec, p in pre.items()}
 
 
-def _write_maps(folder: Path, groups: dict[str, list[Model]], ensembles: dict[str, dict],
+def _write_maps(folder: Path, groups: dict[str, list[networks.Network]], ensembles: dict[str, dict],
                 geometries: dict[nifti.PreprocessSpec, nifti.Geometry]) -> list[str]:
   """Writes every group's native-space maps; returns the file names."""
   names = []
@@ -506,15 +300,15 @@ class Summary:
             f"{median('preprocess')}, model {median('model')}, writing {median('write')}")
 
 
-def predict(inputs: Sequence[ScanInput], models: Sequence[Model], out_dir: Path, mesh: Mesh,
-            *, tta: bool = False, resume: bool = False) -> Summary:
+def predict(inputs: Sequence[ScanInput], models: Sequence[networks.Network], out_dir: Path,
+            mesh: Mesh, *, tta: bool = False, resume: bool = False) -> Summary:
   """Predicts every scan, writing maps, ``done.json`` and volumes.csv as it goes.
 
   A scan that raises a :class:`WMHError` (or any other error) is reported on
   stderr and recorded with its reason as ``status``; the others carry on.
   """
   out_dir.mkdir(parents=True, exist_ok=True)
-  groups = group_models(models)
+  groups = networks.group_networks(models)
   columns = csv_columns(groups)
   signature = {"models": [m.source for m in models], "tta": tta}
   rows: list[dict[str, Any]] = []
@@ -537,7 +331,7 @@ def predict(inputs: Sequence[ScanInput], models: Sequence[Model], out_dir: Path,
       fileio.atomic_write_text(folder / DONE, json.dumps(
           {"row": row, "files": files, "signature": signature}, indent=1))
       rows.append(row)
-      write_csv(out_dir / CSV_NAME, columns, rows)
+      fileio.write_csv(out_dir / CSV_NAME, columns, rows)
       timing["write"] = time.perf_counter() - start
       summary.processed += 1
       summary.timings.append(timing)
@@ -545,9 +339,9 @@ def predict(inputs: Sequence[ScanInput], models: Sequence[Model], out_dir: Path,
       reason = err.reason if isinstance(err, WMHError) else f"unexpected error: {err!r}"
       tqdm.tqdm.write(f"{item.path}: {reason}", file=sys.stderr)
       rows.append({**row, "status": reason})
-      write_csv(out_dir / CSV_NAME, columns, rows)
+      fileio.write_csv(out_dir / CSV_NAME, columns, rows)
       summary.failed += 1
-  write_csv(out_dir / CSV_NAME, columns, rows)
+  fileio.write_csv(out_dir / CSV_NAME, columns, rows)
   return summary
 
 
@@ -576,7 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not inputs or not workdirs:
       raise WMHError(None, "no input scans found" if not inputs else "--checkpoints is empty")
     mesh = sharding.make_mesh()
-    models = load_models(workdirs, mesh, args.which)
+    models = networks.load_networks(workdirs, mesh, args.which)
+    networks.group_networks(models, same_grid=True)
   except WMHError as err:
     print(f"error: {err}", file=sys.stderr)
     return 2

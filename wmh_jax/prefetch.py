@@ -60,6 +60,12 @@ class DevicePrefetch:
     self._queue.clear()
     self._consumed_state = copy.deepcopy(state)
 
+  def close(self) -> None:
+    """Drops the queued batches and closes the wrapped iterator (Grain: stops its
+    workers and frees their shared memory)."""
+    self._queue.clear()
+    getattr(self._host, "close", lambda: None)()
+
   def start_prefetch(self) -> None:
     """Starts the wrapped iterator's own prefetching, if it has any (Grain does)."""
     getattr(self._host, "start_prefetch", lambda: None)()

@@ -6,7 +6,7 @@ here is presentational: Bland–Altman bias and limits, and the mean of the
 tabulated weak − strong differences quoted in the text).
 Figures are drawn on :class:`matplotlib.figure.Figure` objects rendered by the
 Agg backend (no pyplot, no display). CSV files are written atomically by
-:func:`wmh_jax.predict.write_csv`.
+:func:`wmh_jax.fileio.write_csv`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from wmh_jax import predict
+from wmh_jax import fileio
 
 DPI = 90
 # Fig. 2: colour by label type (as in the paper), marker by run; baselines in grey.
@@ -123,7 +123,7 @@ def write_table(folder: Path, table: Table) -> tuple[Path, Path]:
   """Writes ``<name>.csv`` and ``<name>.md`` under ``folder``; returns both paths."""
   folder.mkdir(parents=True, exist_ok=True)
   csv_path, md_path = folder / f"{table.name}.csv", folder / f"{table.name}.md"
-  predict.write_csv(csv_path, table.columns, table.rows)
+  fileio.write_csv(csv_path, table.columns, table.rows)
   md_path.write_text(f"## {table.title}\n\n{markdown_table(table)}\n", encoding="utf-8")
   return csv_path, md_path
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import ml_collections
 from absl import app, flags
 
-from wmh_jax import analysis, checkpoint, cli, fileio, train
+from wmh_jax import analysis, checkpoint, cli, configs, fileio, train
 from wmh_jax.errors import CheckpointError, WMHError
 
 DATA_OVERRIDES = ("manifest", "external_manifests", "cohort_dir", "cache_dir")
@@ -125,11 +125,10 @@ def finished_metrics(run: Run) -> dict[str, float] | None:
   if not final.exists():
     return None
   stored = _sections(checkpoint.restore_for_inference(run.workdir, "latest").config)
-  wanted = _sections(run.config)
-  if stored != wanted:
-    changed = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
-    raise CheckpointError(run.workdir, f"finished with a different config (sections "
-                          f"{changed} differ); use a fresh --workdir or the original config")
+  changed = configs.changed_fields(stored, _sections(run.config))
+  if changed:
+    raise CheckpointError(run.workdir, f"finished with a different config ({', '.join(changed)} "
+                          "differ); use a fresh --workdir or the original config")
   return json.loads(final.read_text())
 
 

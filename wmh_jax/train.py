@@ -277,6 +277,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[State, 
                                    config)
   except CheckpointError:
     ckpt.close()
+    data_iter.close()
     raise
   state = restored if restored is not None else programs.init(config.seed)
   start = int(state["step"])
@@ -322,6 +323,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[State, 
   finally:
     ckpt.wait()
     ckpt.close()
+    data_iter.close()
     logger.close()
   if not last_val:  # resumed a finished run: report the stored best
     last_val = json.loads((workdir / "final_metrics.json").read_text())

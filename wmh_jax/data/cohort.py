@@ -1061,7 +1061,7 @@ def ensure_cohort(out_dir: str | os.PathLike, n_local: int, seed: int,
 # ---------------------------------------------------------------------------
 # Summary, overview figure, command line
 
-CONFOUNDERS = ("ventricle_ml", "white_matter_ml", "csf_ml")
+CONFOUNDERS = manifest.CONFOUNDER_COLUMNS
 
 
 def confounder_correlations(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:

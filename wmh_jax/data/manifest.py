@@ -49,9 +49,11 @@ from wmh_jax.data import nifti
 from wmh_jax.errors import InputError, ManifestError
 
 REQUIRED = ("subject_id", "scan_id", "image")
-VOLUME_COLUMNS = ("wmh_volume_ml", "ventricle_ml", "white_matter_ml", "csf_ml")
+# Confounder volumes (mL) of the paper's §2.4 regression.
+CONFOUNDER_COLUMNS = ("ventricle_ml", "white_matter_ml", "csf_ml")
+VOLUME_COLUMNS = ("wmh_volume_ml", *CONFOUNDER_COLUMNS)
 COLUMNS = REQUIRED + ("mask", "wmh_volume_ml", "severity", "dataset", "site", "split",
-                      "ventricle_ml", "white_matter_ml", "csf_ml")
+                      *CONFOUNDER_COLUMNS)
 PATH_COLUMNS = ("image", "mask")
 SPLITS = ("train", "val", "test")
 NUM_SEVERITY = 5

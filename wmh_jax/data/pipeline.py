@@ -119,12 +119,6 @@ class AugmentRecord(grain.transforms.MapWithIndex):
             "severity": element["severity"], "has_mask": element["has_mask"]}
 
 
-def _mark_flags_parsed() -> None:
-  """Grain worker processes read absl flags; outside ``app.run`` mark them parsed."""
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-
-
 def make_train_iterator(records: Sequence[dict], config: ml_collections.ConfigDict,
                         seed: int, process_index: int = 0, process_count: int = 1, *,
                         batch_size_per_process: int) -> grain.DatasetIterator:
@@ -134,7 +128,8 @@ def make_train_iterator(records: Sequence[dict], config: ml_collections.ConfigDi
     records: cached records (:func:`wmh_jax.data.cache.preprocessed_records`),
       the same list on every process.
     config: uses ``config.augment`` and ``config.loader`` (``worker_count``: 0 =
-      in-process; ``worker_buffer_size``: batches buffered per worker).
+      in-process, else Grain worker processes, which need the caller's absl
+      flags parsed; ``worker_buffer_size``: batches buffered per worker).
     seed: run seed in ``[0, 2**32)``; fixes the shuffles and augmentations.
     process_index: this JAX process.
     process_count: number of JAX processes.
@@ -143,6 +138,8 @@ def make_train_iterator(records: Sequence[dict], config: ml_collections.ConfigDi
     A Grain ``DatasetIterator`` of batches (see the module docstring); it is
     checkpointable with ``get_state()``/``set_state()`` and with Orbax through
     ``grain.checkpoint.CheckpointSave``/``CheckpointRestore``.
+  Raises:
+    ValueError: no records, or worker processes asked for with absl flags unparsed.
   """
   if not records:
     raise ValueError("make_train_iterator needs at least one record")
@@ -153,7 +150,10 @@ def make_train_iterator(records: Sequence[dict], config: ml_collections.ConfigDi
   iter_dataset = dataset.to_iter_dataset(
       grain.ReadOptions(num_threads=1, prefetch_buffer_size=buffer))
   if config.loader.worker_count > 0:
-    _mark_flags_parsed()
+    if not flags.FLAGS.is_parsed():  # Grain reads its absl flags when it starts workers
+      raise ValueError("loader.worker_count > 0 needs parsed absl flags: run under "
+                       "absl.app.run (python -m wmh_jax.main does), call "
+                       "absl.flags.FLAGS.mark_as_parsed() first, or set loader.worker_count=0")
     iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=int(config.loader.worker_count), per_worker_buffer_size=buffer))
   return iter(iter_dataset)

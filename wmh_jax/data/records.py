@@ -8,13 +8,18 @@ manifest → validated rows → split → preprocessed cache → records.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import ml_collections
 
 from wmh_jax.data import cache, cohort, manifest, nifti
+from wmh_jax.errors import WMHError
 
-SPLITS = ("train", "val", "test")
+SPLITS = manifest.SPLITS
+# The training domain's test split is the "local" test set; the others are external.
+LOCAL = "local"
+EXTERNAL_DOMAINS = tuple(name for name in cohort.DOMAINS if name != LOCAL)
 
 
 def default_cache_root() -> Path:
@@ -69,3 +74,61 @@ def load_records(manifest_path: str | Path, config: ml_collections.ConfigDict,
 def split_records(records: list[dict]) -> dict[str, list[dict]]:
   """Groups records by their ``split`` field (train/val/test)."""
   return {name: [r for r in records if r.get("split") == name] for name in SPLITS}
+
+
+# ---------------------------------------------------------------------------
+# Test sets of a trained run
+
+
+def dataset_name(manifest_path: str | Path) -> str:
+  """``data/wmhseg/manifest.csv`` → ``wmhseg``; ``lists/msseg.csv`` → ``msseg``."""
+  path = Path(manifest_path)
+  return path.parent.absolute().name if path.name == cohort.MANIFEST_NAME else path.stem
+
+
+def external_manifests(config: ml_collections.ConfigDict,
+                       keep: Callable[[str], bool] = lambda name: True) -> dict[str, Path]:
+  """External test manifests of a run, name → path, in configured order.
+
+  The ``config.data.external_manifests`` CSVs (named by :func:`dataset_name`);
+  with the built-in cohort and none configured, its external domains
+  (:data:`EXTERNAL_DOMAINS`). ``keep`` filters names before the built-in
+  cohort generates any domain.
+
+  Raises:
+    WMHError: two external manifests with the same name, or one named ``local``.
+  """
+  if config.data.external_manifests:
+    named: dict[str, Path] = {}
+    for item in (p for p in config.data.external_manifests.split(",") if p.strip()):
+      path = Path(item.strip())
+      name = dataset_name(path)
+      if name in named or name == LOCAL:
+        raise WMHError(path, f"external dataset name {name!r} is taken; give the manifest "
+                       "its own folder or file name")
+      named[name] = path
+    return {name: path for name, path in named.items() if keep(name)}
+  if config.data.manifest:
+    return {}
+  names = [name for name in EXTERNAL_DOMAINS if keep(name)]
+  return cohort_manifests(config, names) if names else {}
+
+
+def evaluation_sets(config: ml_collections.ConfigDict,
+                    datasets: Sequence[str] | None = None) -> dict[str, list[dict]]:
+  """Preprocessed (cached) test records of a run, dataset name → records.
+
+  ``local``: the ``test`` split of the training manifest; then every external
+  manifest (:func:`external_manifests`), all of whose rows are test scans.
+
+  Args:
+    config: the run's config (its grid, manifests, cache and split seed).
+    datasets: names to keep (None: all).
+  """
+  keep = (lambda name: True) if datasets is None else (lambda name: name in datasets)
+  sets = {}
+  if keep(LOCAL):
+    sets[LOCAL] = split_records(load_records(training_manifest(config), config))["test"]
+  for name, path in external_manifests(config, keep).items():
+    sets[name] = load_records(path, config, assign=False)
+  return sets
