@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import tiny_data
-from wmh_jax import analysis, logs, networks, report, sharding
+from wmh_jax import analysis, configs, logs, networks, report, sharding
 from wmh_jax import study as study_lib
 from wmh_jax.data import cache, manifest, pipeline, records
 from wmh_jax.errors import CheckpointError, WMHError
@@ -92,8 +92,21 @@ def test_study_runs_every_experiment_and_skips_finished_runs(study, capsys):
 def test_study_refuses_a_finished_run_with_another_config(study):
   run = study_lib.plan(study["study_config"], study["root"])[0]
   run.config.train.num_epochs = 2
-  with pytest.raises(CheckpointError, match="different config.*'train'"):
+  with pytest.raises(CheckpointError, match=r"different config \(train.num_epochs differ\)"):
     study_lib.finished_metrics(run)
+
+
+def test_config_comparison_ignores_runtime_removed_and_default_new_fields():
+  stored = json.loads(configs.get_config("cpu").to_json())
+  wanted = json.loads(configs.get_config("cpu").to_json())
+  wanted["train"]["log_every_steps"] = 1        # runtime only
+  wanted["loader"]["worker_count"] = 0          # runtime only
+  stored["train"]["seeds"] = [0, 1, 2]          # a field removed since
+  del stored["augment"]["domain"]               # a section added since, at its default
+  assert configs.changed_fields(stored, wanted) == []
+  wanted["augment"]["domain"]["enabled"] = True  # added since, not at its default
+  wanted["model"]["norm"] = "instance"
+  assert configs.changed_fields(stored, wanted) == ["augment.domain.enabled", "model.norm"]
 
 
 def test_study_reports_a_failed_run_and_goes_on(study, tmp_path, capsys):

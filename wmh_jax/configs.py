@@ -143,11 +143,12 @@ RUNTIME_FIELDS = ("train.log_every_steps", "train.prefetch_batches", "train.chec
                   "loader.worker_count", "loader.worker_buffer_size")
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+  """``{"a": {"b": 1}}`` → ``{"a.b": 1}``."""
   flat: dict[str, object] = {}
   for key, value in tree.items():
     if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
+      flat.update(flatten(value, f"{prefix}{key}."))
     else:
       flat[f"{prefix}{key}"] = value
   return flat
@@ -161,8 +162,8 @@ def changed_fields(stored: dict, wanted: dict) -> list[str]:
   has (added since) counts only if it differs from :func:`get_config`'s
   default, the behaviour of the code that wrote ``stored``.
   """
-  old, new = _flatten(stored), _flatten(wanted)
-  default = _flatten(json.loads(get_config().to_json()))
+  old, new = flatten(stored), flatten(wanted)
+  default = flatten(json.loads(get_config().to_json()))
   changed = []
   for key, value in sorted(new.items()):
     if key in RUNTIME_FIELDS:

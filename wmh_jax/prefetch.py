@@ -15,6 +15,7 @@ import copy
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 
 from wmh_jax import sharding
@@ -44,7 +45,9 @@ class DevicePrefetch:
 
   def __next__(self) -> dict[str, jax.Array]:
     while len(self._queue) <= self._size:
-      local = next(self._host)
+      # Copied out of the loader's shared memory (Grain workers), which is
+      # then freed at once; a device array aliasing it would keep it past exit.
+      local = {key: np.array(value) for key, value in next(self._host).items()}
       self._queue.append((sharding.global_batch(local, self._mesh),
                           copy.deepcopy(self._host.get_state())))
     batch, self._consumed_state = self._queue.popleft()

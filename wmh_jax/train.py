@@ -23,7 +23,7 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from wmh_jax import checkpoint, fileio, inference, losses, models, sharding
+from wmh_jax import checkpoint, configs, fileio, inference, losses, models, sharding
 from wmh_jax.data import pipeline, records as records_lib
 from wmh_jax.errors import CheckpointError, TrainingError
 from wmh_jax.evaluation import metrics as metrics_lib
@@ -173,8 +173,9 @@ def validation_metrics(kind: str, predictions: dict[str, np.ndarray],
 class Programs:
   """The jitted functions of one training setting, shared by every seed of a sweep.
 
-  A new seed with the same config (all but ``seed``), head initialisations,
-  step count and devices reuses them, so a sweep compiles each function once.
+  A new seed with the same config (all but ``seed`` and
+  ``configs.RUNTIME_FIELDS``), head initialisations, step count and devices
+  reuses them, so a sweep compiles each function once.
   """
   model: Any
   optimizer: optax.GradientTransformation
@@ -190,8 +191,8 @@ _PROGRAMS: dict[str, Programs] = {}  # one entry: the setting of the current swe
 def programs_for(config: ml_collections.ConfigDict, inits: dict[str, float], mesh: Mesh,
                  total_steps: int) -> Programs:
   """The :class:`Programs` of this setting, built on first use and then reused."""
-  setting = json.loads(config.to_json())
-  setting.pop("seed")
+  setting = {k: v for k, v in configs.flatten(json.loads(config.to_json())).items()
+             if k != "seed" and k not in configs.RUNTIME_FIELDS}
   key = json.dumps({"config": setting, "inits": inits, "total_steps": total_steps,
                     "devices": [int(d.id) for d in mesh.devices.flat]}, sort_keys=True)
   if key not in _PROGRAMS:
