@@ -13,6 +13,7 @@ import sys
 import jax
 import numpy as np
 
+from tolerances import float32_rtol
 from wmh_jax import configs, models, sharding, train
 from jax.sharding import Mesh
 
@@ -26,6 +27,10 @@ def one_step(config, batch: dict[str, np.ndarray], devices) -> dict:
   step = train.make_train_step(model, config, optimizer, mesh)
   state, metrics = step(state, sharding.global_batch(batch, mesh))
   return jax.tree.map(np.asarray, {"vars": train.model_variables(state), "metrics": metrics})
+
+
+# Global-batch sums: 4 scans of 8 x 8 x 4 voxels, then the scans; ~8 more ops.
+METRIC_RTOL = float32_rtol(4 * 8 * 8 * 4 + 4, ops=8, sides=2)
 
 
 def main() -> None:
@@ -51,8 +56,20 @@ def main() -> None:
       one = one_step(config, batch, jax.devices()[:1])
       four = one_step(config, batch, jax.devices())
       worst = 0.0
-      for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(four), strict=True):
+      # Metrics (losses of the global batch) and the running statistics are sums
+      # over the 4 x 256 voxels and the 4 scans, in another order on 4 devices:
+      # the reduction rule of tests/tolerances.py, both sides float32.
+      for a, b in zip(jax.tree.leaves(one["metrics"]), jax.tree.leaves(four["metrics"]),
+                      strict=True):
+        np.testing.assert_allclose(a, b, rtol=METRIC_RTOL, err_msg=f"{kind} {reduction}")
+      # Parameters: one Adam step moves each by at most the learning rate, in the
+      # direction m / (sqrt(v) + eps) that the reduction order perturbs by about
+      # METRIC_RTOL relative (more only where a gradient component cancels to ~eps);
+      # what is left is the rounding of p - update (a few ulps of |p|). A per-device
+      # loss or a missing psum moves whole layers by O(learning rate), >= 5e-5 here.
+      for a, b in zip(jax.tree.leaves(one["vars"]), jax.tree.leaves(four["vars"]), strict=True):
         np.testing.assert_allclose(a, b, atol=2e-6, rtol=2e-5, err_msg=f"{kind} {reduction}")
+      for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(four), strict=True):
         worst = max(worst, float(np.max(np.abs(a - b), initial=0.0)))
       print("ok", kind, reduction, worst)
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tolerances import assert_close_to_abs_sum, float32_rtol
 from wmh_jax import conv
 
 CONCRETE = ("native", "depth2d", "depth2d_concat")
@@ -43,10 +44,15 @@ def _value_and_grads(params, x: jax.Array, cotangent: jax.Array, impl: str,
   return module.apply(params, x), jax.grad(objective, argnums=(0, 1))(params, x)
 
 
-def _assert_close(actual, expected, rel: float = 1e-5) -> None:
-  scale = float(jnp.max(jnp.abs(expected)))
-  err = float(jnp.max(jnp.abs(actual - expected)))
-  assert err <= rel * scale, (err, scale)
+def _abs(tree):
+  return jax.tree_util.tree_map(jnp.abs, tree)
+
+
+def _assert_close(actual, expected, abs_sum, n_terms: int) -> None:
+  """Two float32 evaluations of sums of ``n_terms`` mixed-sign products, in
+  different orders: within float32_rtol(n_terms, sides=2) of ``abs_sum``, the
+  same computation on the magnitudes of every input (tests/tolerances.py)."""
+  assert_close_to_abs_sum(actual, expected, abs_sum, float32_rtol(n_terms, ops=1, sides=2))
 
 
 @pytest.mark.parametrize("kernel_size", [(3, 3, 3), (1, 3, 5)])
@@ -57,11 +63,16 @@ def test_impl_matches_native_values_and_grads(impl, kernel_size):
   ref_out, (ref_gp, ref_gx) = _value_and_grads(params, x, cotangent, "native",
                                                kernel_size)
   out, (gp, gx) = _value_and_grads(params, x, cotangent, impl, kernel_size)
+  abs_out, (abs_gp, abs_gx) = _value_and_grads(_abs(params), _abs(x), _abs(cotangent),
+                                               "native", kernel_size)
   assert out.shape == (2, 6, 8, 4, 5)
-  _assert_close(out, ref_out)
-  _assert_close(gx, ref_gx)
-  _assert_close(gp["params"]["kernel"], ref_gp["params"]["kernel"])
-  _assert_close(gp["params"]["bias"], ref_gp["params"]["bias"])
+  taps, voxels = int(np.prod(kernel_size)), 2 * 6 * 8 * 4
+  _assert_close(out, ref_out, abs_out, taps * 3 + 1)  # taps x 3 channels + bias
+  _assert_close(gx, ref_gx, abs_gx, taps * 5)
+  _assert_close(gp["params"]["kernel"], ref_gp["params"]["kernel"],
+                abs_gp["params"]["kernel"], voxels)
+  _assert_close(gp["params"]["bias"], ref_gp["params"]["bias"], abs_gp["params"]["bias"],
+                voxels)
 
 
 def test_upsample_2x_is_nearest():
@@ -95,10 +106,16 @@ def test_up_concat_conv_matches_conv_of_concatenation(impl):
   ref_grads = jax.jit(jax.grad(lambda *a: jnp.sum(reference(*a) * cotangent),
                                argnums=(0, 1, 2)))(params, coarse, skip)
   out, grads = _up_value_and_grads(params, coarse, skip, cotangent, impl)
-  _assert_close(out, ref_out)
-  for got, want in zip(jax.tree_util.tree_leaves(grads),
-                       jax.tree_util.tree_leaves(ref_grads)):
-    _assert_close(got, want)
+  abs_out, abs_grads = _up_value_and_grads(_abs(params), _abs(coarse), _abs(skip),
+                                           _abs(cotangent), "native")
+  # Longest reductions: 27 taps x 5 channels (+ bias) for the output, the 384
+  # fine voxels for the parameters, 8 fine voxels x 27 taps x 4 channels for coarse.
+  _assert_close(out, ref_out, abs_out, 27 * 5 + 1)
+  n_terms = 8 * 27 * 4
+  for got, want, abs_sum in zip(jax.tree_util.tree_leaves(grads),
+                                jax.tree_util.tree_leaves(ref_grads),
+                                jax.tree_util.tree_leaves(abs_grads)):
+    _assert_close(got, want, abs_sum, n_terms)
   shapes = jax.eval_shape(conv.UpConcatConv3D(4, impl=impl).init,
                           jax.random.key(0), coarse, skip)
   assert jax.tree_util.tree_map(lambda a: a.shape, shapes) == {
@@ -110,7 +127,8 @@ def test_native_matches_flax_conv():
   params = _params((3, 3, 3), 2, 3)
   ours = jax.jit(conv.Conv3D(3, impl="native").apply)(params, x)
   theirs = jax.jit(nn.Conv(3, (3, 3, 3), padding="SAME").apply)(params, x)
-  _assert_close(ours, theirs)
+  abs_sum = jax.jit(nn.Conv(3, (3, 3, 3), padding="SAME").apply)(_abs(params), _abs(x))
+  _assert_close(ours, theirs, abs_sum, 27 * 2 + 1)
 
 
 def test_params_identical_to_nn_conv():

@@ -87,7 +87,9 @@ def fit(kind: str, flags: str = "") -> dict[str, float]:
   config = _experiment_config(kind, flags)
   task = _blob_task()
   steps = STEPS[kind]
-  mesh = sharding.make_mesh()
+  # One device whatever XLA_FLAGS forces: this tests learning, not sharding
+  # (tests/test_train.py covers 1 vs 4 devices and 2 processes).
+  mesh = jax.make_mesh((1,), (sharding.DATA_AXIS,), devices=jax.devices()[:1])
   records = [{"wmh_volume_ml": float(v), "has_mask": 1.0} for v in task["volume_ml"]]
   model = models.build_model(config.model, **train.head_inits(config, records),
                              axis_name=sharding.DATA_AXIS)

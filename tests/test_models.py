@@ -13,10 +13,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tolerances import assert_close_to_abs_sum, float32_rtol
 from wmh_jax import configs, models
 
 SHAPE = (2, 16, 16, 8, 1)
 KEY = jax.random.key(0)
+VOXELS = 16 * 16 * 8
+# Terms of the reductions along one path through the depth-1, f=2 U-Net of
+# `_model_config` (tests/tolerances.py): six 3x3x3 convolutions over 1, 2, 3, 4,
+# 10 and 2 input channels, the global average pool over the voxels and the
+# 12-channel dense head. Two float32 evaluations of it in different orders
+# (impls, batch shapes) differ by at most float32_rtol(UNET_TERMS, sides=2)
+# relative to the magnitude of the outputs.
+UNET_TERMS = 27 * (1 + 2 + 3 + 4 + 10 + 2) + VOXELS + 12
 
 
 def _model_config(kind: str, **overrides):
@@ -68,8 +77,12 @@ def test_joint_outputs_and_attention_identity():
   params = _random_params(model, x)
   out = jax.jit(model.apply)(params, x)
   bias = params["params"]["volume_head"]["dense"]["bias"][0]
-  np.testing.assert_allclose(out["attention"].mean(axis=(1, 2, 3)) + bias,
-                             out["volume"], atol=1e-5, rtol=1e-5)
+  # The same affine map averaged over the voxels before (volume) or after
+  # (attention) the 12-channel dot product: mixed signs, so bounded relative
+  # to the mean magnitude of the attention map plus the bias (both sides float32).
+  assert_close_to_abs_sum(out["attention"].mean(axis=(1, 2, 3)) + bias, out["volume"],
+                          jnp.abs(out["attention"]).mean(axis=(1, 2, 3)) + abs(bias),
+                          float32_rtol(VOXELS + 12, ops=4, sides=2))
   # attention is pool_scale * F . W: not a trivial 0 == 0 identity.
   assert float(jnp.abs(out["attention"]).mean()) > 1e-2
   assert abs(float(out["volume"][0] - out["volume"][1])) > 1e-4
@@ -82,17 +95,23 @@ def test_volume_bias_init():
   params = jax.jit(head.init)(jax.random.key(1, impl="rbg"), features)
   assert jax.tree_util.tree_map(jnp.shape, params) == {
       "params": {"dense": {"kernel": (3, 1), "bias": (1,)}}}
-  np.testing.assert_allclose(params["params"]["dense"]["bias"], [0.3])
+  np.testing.assert_array_equal(params["params"]["dense"]["bias"], np.float32([0.3]))
   out = head.apply(params, features)
   weights = params["params"]["dense"]["kernel"][:, 0]
-  np.testing.assert_allclose(out["attention"], 2.0 * features @ weights,
-                             rtol=1e-6)
-  np.testing.assert_allclose(
+  # Dot products of 3 mixed-sign terms (after a mean over 8 voxels for the
+  # volume), both sides float32: bounded relative to the same sums of magnitudes.
+  abs_weights = jnp.abs(weights)
+  assert_close_to_abs_sum(out["attention"], 2.0 * features @ weights,
+                          2.0 * jnp.abs(features) @ abs_weights,
+                          float32_rtol(3, ops=2, sides=2))
+  assert_close_to_abs_sum(
       out["volume"], 2.0 * features.mean(axis=(1, 2, 3)) @ weights + 0.3,
-      rtol=1e-6)
+      2.0 * jnp.abs(features).mean(axis=(1, 2, 3)) @ abs_weights + 0.3,
+      float32_rtol(8 + 3, ops=3, sides=2))
   zero = models.VolumeHead(volume_bias_init=0.3, zero_init_kernel=True)
   out = zero.apply(jax.jit(zero.init)(jax.random.key(1, impl="rbg"), features),
                    features)
+  # Exact: a zero kernel makes every product and sum 0.0, plus the bias 0.3f.
   np.testing.assert_array_equal(out["volume"], np.float32([0.3, 0.3]))
   np.testing.assert_array_equal(out["attention"], 0.0)
 
@@ -110,7 +129,9 @@ def test_params_and_outputs_identical_across_conv_impls():
   ref = jax.jit(built["native"].apply)(params, x)
   out = jax.jit(built["auto"].apply)(params, x)
   for key in ref:
-    np.testing.assert_allclose(out[key], ref[key], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(out[key], ref[key], rtol=0,
+                               atol=float32_rtol(UNET_TERMS, sides=2) * float(
+                                   jnp.abs(ref[key]).max()), err_msg=key)
 
 
 def test_count_params_matches_hand_count():
@@ -159,10 +180,18 @@ def test_running_standardize_first_update_sets_batch_moments():
   # Never updated: the identity.
   np.testing.assert_array_equal(module.apply(variables, x)[0], x)
   (y, mean, inv_std), updated = module.apply(variables, x, update=True, mutable=["batch_stats"])
-  np.testing.assert_allclose(mean, [3.0, 12.0], rtol=1e-6)
-  np.testing.assert_allclose(inv_std, 1.0 / np.sqrt([8.0 / 3.0, 8.0]), rtol=1e-5)
-  np.testing.assert_allclose(y.mean(axis=0), 0.0, atol=1e-6)
-  np.testing.assert_allclose(y.std(axis=0), 1.0, rtol=1e-5)
+  # Means of 3 positive terms and the momentum/debias arithmetic (~6 ops).
+  rtol = float32_rtol(3, ops=6)
+  np.testing.assert_allclose(mean, [3.0, 12.0], rtol=rtol)
+  # variance = E[x^2] - mean^2 cancels: E[x^2] / variance = 152 / 8 = 19 for the
+  # second channel; rsqrt halves the relative error and adds 4 ops.
+  std_rtol = 19 * rtol / 2 + float32_rtol(0, ops=4)
+  np.testing.assert_allclose(inv_std, 1.0 / np.sqrt([8.0 / 3.0, 8.0]), rtol=std_rtol)
+  # Exactly 0 in exact arithmetic: the mean's error (relative to |x| <= 16) times
+  # inv_std, plus the standardisation's own roundings.
+  np.testing.assert_allclose(y.mean(axis=0), 0.0,
+                             atol=float(np.max(rtol * np.abs(x).max(axis=0) * inv_std)))
+  np.testing.assert_allclose(y.std(axis=0), 1.0, rtol=std_rtol + float32_rtol(3, ops=4))
   # The same function at inference (no update): identical outputs.
   np.testing.assert_array_equal(module.apply({**variables, **updated}, x)[0], y)
   # A second batch moves the statistics by (1 - momentum) of the way, debiased.
@@ -170,7 +199,8 @@ def test_running_standardize_first_update_sets_batch_moments():
   (_, mean2, _), _ = module.apply({**variables, **updated}, x2, update=True,
                                   mutable=["batch_stats"])
   expected = (0.9 * 0.1 * np.array([3.0, 12.0]) + 0.1 * np.array([13.0, 22.0])) / (1 - 0.81)
-  np.testing.assert_allclose(mean2, expected, rtol=1e-5)
+  # The debias 1 - 0.9**2 = 0.19 cancels 0.81 / 0.19 ~ 4.3x the roundings of 0.9f.
+  np.testing.assert_allclose(mean2, expected, rtol=5 * float32_rtol(3, ops=8))
 
 
 def test_running_pooled_norm_keeps_attention_identity_and_spreads_predictions():
@@ -183,8 +213,11 @@ def test_running_pooled_norm_keeps_attention_identity_and_spreads_predictions():
   trained = {**variables, **updated}
   out = jax.jit(model.apply)(trained, x)
   bias = variables["params"]["volume_head"]["dense"]["bias"][0]
-  np.testing.assert_allclose(out["attention"].mean(axis=(1, 2, 3)) + bias,
-                             out["volume"], atol=1e-4, rtol=1e-4)
+  # As in test_joint_outputs_and_attention_identity (standardisation folded into
+  # the voxel-wise map: a few more roundings per voxel).
+  assert_close_to_abs_sum(out["attention"].mean(axis=(1, 2, 3)) + bias, out["volume"],
+                          jnp.abs(out["attention"]).mean(axis=(1, 2, 3)) + abs(bias),
+                          float32_rtol(VOXELS + 12, ops=8, sides=2))
   # Standardised pooled features: the volume's spread over the batch is that
   # of W . z with z of unit variance per channel, not a tiny fraction of it.
   weights = variables["params"]["volume_head"]["dense"]["kernel"][:, 0]
@@ -201,7 +234,13 @@ def test_body_norm_normalises_each_scan(norm):
   # Per-scan normalisation: a scan's output does not depend on its batch mates.
   alone = model.apply(variables, x[:1])["seg_logits"]
   together = model.apply(variables, x)["seg_logits"][:1]
-  np.testing.assert_allclose(alone, together, atol=1e-5)
+  # The same per-scan arithmetic in two batch shapes (XLA may order the sums
+  # differently): the U-Net's reductions plus one per-voxel mean and mean square
+  # per normalised layer (4 at full resolution, 2 at 1/8 of the voxels).
+  norm_terms = 2 * (4 * VOXELS + 2 * VOXELS // 8)
+  np.testing.assert_allclose(alone, together, rtol=0,
+                             atol=float32_rtol(UNET_TERMS + norm_terms, sides=2)
+                             * float(jnp.abs(alone).max()))
   # ... and is invariant to the scan's intensity scale after the first conv
   # up to its bias: doubling the image changes the output far less than 2x.
   doubled = model.apply(variables, 2.0 * x[:1])["seg_logits"]

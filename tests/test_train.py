@@ -89,6 +89,7 @@ def test_resume_matches_uninterrupted(dataset, one_epoch, tmp_path):
   full_state, _ = train.run(config, tmp_path / "full")
   shutil.copytree(one_epoch[1], tmp_path / "split")
   resumed_state, _ = train.run(config, tmp_path / "split")
+  # Exact: the same program on the same machine and device count, run twice.
   _params_equal(full_state["params"], resumed_state["params"], atol=0)
   _params_equal(full_state["opt_state"], resumed_state["opt_state"], atol=0)
   assert (tmp_path / "full" / "metrics.jsonl").read_text() == \
@@ -129,6 +130,8 @@ def test_four_devices_match_one(dataset, one_epoch, tmp_path):
        f"--workdir={tmp_path / 'four'}"], cwd=REPO, env=env, check=True,
       capture_output=True)
   four = checkpoint.restore_for_inference(tmp_path / "four" / "seed_0", "latest")
+  # 1 vs 4 devices: 3 Adam steps of lr <= 1.5e-4 (warm-up) whose directions differ by
+  # ~float32_rtol(4 x 2048 voxels, sides=2) = 2e-3 relative: ~1e-6 (tests/tolerances.py).
   _params_equal(single["params"], four.variables["params"], atol=1e-5)
 
 
@@ -170,9 +173,10 @@ def test_two_processes_match_one(dataset, one_epoch, tmp_path):
   manifest, cache = dataset
   single = one_epoch[0]
   p0, p1 = (r["params"] for r in _two_processes(manifest, cache, tmp_path / "two", tmp_path))
-  for key in p0.files:
+  for key in p0.files:  # exact: both replicas apply the same all-reduced update
     np.testing.assert_array_equal(p0[key], p1[key])
   for key, leaf in zip(p0.files, jax.tree.leaves(single["params"]), strict=True):
+    # Another reduction order, as in test_four_devices_match_one.
     np.testing.assert_allclose(p0[key], np.asarray(leaf), atol=1e-5, rtol=0)
 
 
