@@ -211,15 +211,18 @@ def _signal_when(launches: dict[str, tuple[Launch, int, Callable[[Path], bool]]]
 
 
 def _corrupt(step_dir: Path, mode: str) -> None:
-  """Damages one checkpoint step: truncates its largest array file, or deletes its data."""
-  files = [p for p in (step_dir / "state").rglob("*") if p.is_file()]
-  if mode == "truncate":
-    largest = max(files, key=lambda p: p.stat().st_size)
-    os.truncate(largest, largest.stat().st_size // 2)
-  else:
-    for path in files:
-      if path.parent.name == "d":
-        path.unlink()
+  """Damages one checkpoint step: truncates every array data file to half, or deletes them.
+
+  Every data file (``d/`` folders), not one picked by size: which files a
+  restore reads depends on the device count that wrote the step.
+  """
+  files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+  assert files, f"no array data files under {step_dir}"
+  for path in files:
+    if mode == "truncate":
+      os.truncate(path, path.stat().st_size // 2)
+    else:
+      path.unlink()
 
 
 @contextlib.contextmanager
