@@ -218,6 +218,28 @@ def restore_for_inference(workdir: str | Path, which: str = "best") -> RestoredR
   raise CheckpointError(workdir, "no readable checkpoint")
 
 
+def stored_config(workdir: str | Path) -> dict:
+  """The config (plain JSON) saved with a run's newest readable checkpoint; no arrays are read.
+
+  Raises:
+    CheckpointError: when the workdir holds no checkpoint with a readable config.
+  """
+  directory = Path(workdir).absolute() / "checkpoints"
+  if not directory.is_dir():
+    raise CheckpointError(workdir, "no checkpoints/ folder: is this a training workdir?")
+  options = ocp.CheckpointManagerOptions(read_only=True)
+  with ocp.CheckpointManager(directory, options=options,
+                             item_handlers={"config": ocp.JsonCheckpointHandler()}) as manager:
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        return manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore()))["config"]
+      except Exception as err:  # pylint: disable=broad-except
+        logging.warning("checkpoint step %d in %s has no readable config (%s)", step, workdir,
+                        _brief(err))
+  raise CheckpointError(workdir, "no checkpoint with a readable config")
+
+
 def _host_target(manager: ocp.CheckpointManager, step: int) -> Any:
   """Abstract state on this process's first device, whatever topology saved it."""
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

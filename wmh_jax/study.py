@@ -124,7 +124,7 @@ def finished_metrics(run: Run) -> dict[str, float] | None:
   final = run.workdir / "final_metrics.json"
   if not final.exists():
     return None
-  stored = _sections(checkpoint.restore_for_inference(run.workdir, "latest").config)
+  stored = checkpoint.stored_config(run.workdir)
   changed = configs.changed_fields(stored, _sections(run.config))
   if changed:
     raise CheckpointError(run.workdir, f"finished with a different config ({', '.join(changed)} "
