@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -124,11 +125,19 @@ def test_four_devices_match_one(dataset, one_epoch, tmp_path):
   single = one_epoch[0]
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "JAX_PLATFORMS": "cpu"}
-  subprocess.run(
+  result = subprocess.run(
       [sys.executable, "-m", "wmh_jax.main", "--config=tests/tiny_experiment.py",
        f"--config.data.manifest={manifest}", f"--config.data.cache_dir={cache}",
-       f"--workdir={tmp_path / 'four'}"], cwd=REPO, env=env, check=True,
-      capture_output=True)
+       f"--workdir={tmp_path / 'four'}", "--config.loader.worker_count=2"], cwd=REPO, env=env,
+      check=True, capture_output=True, text=True)
+  # Quiet by default: our lines only, no library INFO records (absl's "I1201 ..."
+  # prefix), no leaked Grain shared memory at exit.
+  lines = (result.stdout + result.stderr).replace("\r", "\n").splitlines()
+  assert not [line for line in lines if re.match(r"I\d{4} ", line)], lines[:20]
+  assert not [line for line in lines if "resource_tracker" in line or "leaked" in line]
+  assert any(line.startswith("epoch 1 step 3: val_icc=") for line in lines)
+  assert any(line.startswith("seed_0: median ") for line in lines)
+  assert any(line.startswith("seed 0: final validation val_icc=") for line in lines)
   four = checkpoint.restore_for_inference(tmp_path / "four" / "seed_0", "latest")
   # 1 vs 4 devices: 3 Adam steps of lr <= 1.5e-4 (warm-up) whose directions differ by
   # ~float32_rtol(4 x 2048 voxels, sides=2) = 2e-3 relative: ~1e-6 (tests/tolerances.py).

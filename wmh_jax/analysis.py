@@ -19,7 +19,7 @@ from pathlib import Path
 import tqdm
 from jax.sharding import Mesh
 
-from wmh_jax import fileio, networks as networks_lib, report, sharding
+from wmh_jax import cli, fileio, networks as networks_lib, report, sharding
 from wmh_jax.data import records
 from wmh_jax.errors import WMHError
 from wmh_jax.evaluation import figures as figures_lib, floors as floors_lib, scans
@@ -114,6 +114,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="comma-separated seeds to analyse (default: every seed_* run)")
   parser.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples per CI")
   parser.add_argument("--boot_seed", type=int, default=0, help="bootstrap seed")
+  cli.add_arguments(parser)
   return parser.parse_args(argv)
 
 
@@ -127,6 +128,7 @@ def _seeds(flag: str) -> list[int] | None:
 def main(argv: Sequence[str] | None = None) -> int:
   """CLI entry; returns the exit code (0 ok, 2 bad runs or datasets)."""
   args = parse_args(argv)
+  cli.start(args.verbosity, args.compilation_cache)
   runs = [p for p in args.runs.split(",") if p]
   datasets = [d for d in args.datasets.split(",") if d] or None
   try:

@@ -48,8 +48,3 @@ def enable_persistent_cache(directory: str | Path | None = None) -> Path | None:
   jax.config.update("jax_enable_compilation_cache", True)
   jax.config.update("jax_compilation_cache_dir", str(path))
   return path
-
-
-def enable_from_flags() -> Path | None:
-  """:func:`enable_persistent_cache` with the ``--compilation_cache`` flag's value."""
-  return enable_persistent_cache(flags.FLAGS.compilation_cache)

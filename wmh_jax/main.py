@@ -65,7 +65,7 @@ def initialize_distributed() -> None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli.start()
+  cli.start_from_flags()
   initialize_distributed()
   from wmh_jax import train  # pylint: disable=import-outside-toplevel
   config = FLAGS.config

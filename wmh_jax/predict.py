@@ -26,7 +26,7 @@ import numpy as np
 import tqdm
 from jax.sharding import Mesh
 
-from wmh_jax import fileio, networks, sharding
+from wmh_jax import cli, fileio, networks, sharding
 from wmh_jax.data import manifest, nifti
 from wmh_jax.errors import WMHError
 from wmh_jax.evaluation import attention as attention_lib
@@ -358,12 +358,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--resume", action="store_true", help="skip scans already finished")
   parser.add_argument("--which", choices=("best", "latest"), default="best",
                       help="checkpoint step to restore (default: best validation score)")
+  cli.add_arguments(parser)
   return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   """CLI entry; returns the exit code (0 ok, 1 some scan failed, 2 usage error)."""
   args = parse_args(argv)
+  cli.start(args.verbosity, args.compilation_cache)
   try:
     inputs = collect_inputs(args.inputs)
     workdirs = [p for p in args.checkpoints.split(",") if p]

@@ -230,7 +230,7 @@ def define_flags() -> None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli.start()
+  cli.start_from_flags()
   try:
     code = run_study(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.out)
   except WMHError as err:
