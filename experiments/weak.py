@@ -1,6 +1,6 @@
 r"""Weak labels: a GP-Unet regresses each scan's total WMH volume.
 
-Paper: Werner et al., "Weak labels for WMH volume" (README.md; text in
+Paper: O. Werner et al., weak vs strong labels for WMH volume (README.md; text in
 /work/shared/paper.txt), §2.2 "Regression Network Trained with Weak Labels"
 and §2.3 "Training Details". Each value below cites its section, or says why
 it deviates from the paper; the argument ``paper`` sets every deviation back.
