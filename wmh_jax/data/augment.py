@@ -39,6 +39,8 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
+from wmh_jax.data import nifti
+
 # Coordinates this far (voxels) outside [0, n-1] still count as inside, so that
 # exact rotations (90°) and flips, whose coordinates carry ~1e-15 rounding
 # error, keep their border voxels.
@@ -206,21 +208,5 @@ def apply_affine(image: np.ndarray, mask: np.ndarray | None, matrix: np.ndarray
       out += gathered
     return out.reshape(nx, ny, nz)
 
-  new_mask = None if mask is None else _top_k(resample(mask))
+  new_mask = None if mask is None else nifti.top_k_mask(resample(mask)).astype(np.float32)
   return resample(image), new_mask
-
-
-def _top_k(fractions: np.ndarray) -> np.ndarray:
-  """float32 {0,1} mask of the ``round(sum(fractions))`` largest fractions.
-
-  Ties are broken by C-order voxel index (lowest first), so the result is
-  deterministic. Same shape as ``fractions``.
-  """
-  flat = fractions.ravel()
-  k = int(round(float(flat.sum(dtype=np.float64))))
-  candidates = np.flatnonzero(flat > 0)
-  keep = candidates[np.argsort(-flat[candidates], kind="stable")[:k]]
-  out = np.zeros(flat.shape, np.float32)
-  out[keep] = 1.0
-  return out.reshape(fractions.shape)
-

@@ -394,7 +394,7 @@ def _partial_volume(mask: np.ndarray, out_shape, scale, offset) -> np.ndarray:
   return np.ascontiguousarray(out)
 
 
-def _top_k(fractions: np.ndarray) -> np.ndarray:
+def top_k_mask(fractions: np.ndarray) -> np.ndarray:
   """Binary mask of the ``round(sum(fractions))`` voxels with the largest fraction.
 
   Ties are broken by C-order voxel index (lowest first), so the result is
@@ -411,7 +411,7 @@ def _top_k(fractions: np.ndarray) -> np.ndarray:
 
 def _resample_mask(mask: np.ndarray, out_shape, scale, offset) -> np.ndarray:
   """Volume-preserving mask resampling: partial-volume fractions, then top-k. bool."""
-  return _top_k(_partial_volume(mask, out_shape, scale, offset))
+  return top_k_mask(_partial_volume(mask, out_shape, scale, offset))
 
 
 def _resample_linear(data: np.ndarray, out_shape, scale, offset) -> np.ndarray:
