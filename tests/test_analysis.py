@@ -430,3 +430,20 @@ def test_report_says_when_no_network_measures_volume():
   assert "Run `s` does not measure" in one_poor and "Run `w`" not in one_poor.split("\n", 1)[1]
   assert "say nothing" not in one_poor
   assert "does not measure" not in lines(0.9, 0.8)
+
+
+def test_domain_effect_pairs_each_randomised_run_with_its_kind_without_it():
+  def row(run, kind, dataset, icc, dice):
+    return {"run": run, "kind": kind, "dataset": dataset, "icc_2_1": icc, "mean_dice": dice}
+  icc_mean = report.Table("icc_mean", "", [], [
+      row("weak", "weak", "local", 0.6, 0.1), row("weak", "weak", "msles", 0.4, 0.1),
+      row("weak_dr", "weak", "local", 0.5, 0.2), row("weak_dr", "weak", "msles", 0.7, 0.3),
+      row("strong", "strong", "local", 0.9, 0.5), row("strong_dr", "strong", "local", 0.8, 0.4)])
+  table = tables_lib.domain_effect_table(icc_mean, {"weak_dr", "strong_dr"})
+  got = [(r["dataset"], r["kind"], r["run"], r["domain_run"], round(r["icc_difference"], 12))
+         for r in table.rows]
+  assert got == [("local", "weak", "weak", "weak_dr", -0.1),
+                 ("msles", "weak", "weak", "weak_dr", 0.3),
+                 ("local", "strong", "strong", "strong_dr", -0.1)]
+  assert table.rows[1]["domain_mean_dice"] == 0.3
+  assert tables_lib.domain_effect_table(icc_mean, set()).rows == []

@@ -90,6 +90,9 @@ def run_analysis(run_paths: Sequence[str | Path], out: str | Path,
   tables = {"networks": tables_lib.networks_table(networks),
             **tables_lib.summarise(rows, n_boot, boot_seed)}
   tables["baselines"] = tables_lib.floor_table(tables["icc_mean"], floors)
+  domain_runs = {n.group for n in networks if n.config.augment.get("domain", {}).get("enabled")}
+  if domain_runs:
+    tables["domain_effect"] = tables_lib.domain_effect_table(tables["icc_mean"], domain_runs)
   for table in tables.values():
     written[f"table:{table.name}"] = report.write_table(out / "tables", table)[0]
   figures = figures_lib.write_figures(

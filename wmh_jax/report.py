@@ -360,6 +360,12 @@ FLOOR_NOTE = ("Two non-deep baselines, fitted on the training split of the netwo
               "beat them is not measuring lesions.")
 
 
+DOMAIN_NOTE = ("Runs trained with domain-randomised augmentation (`config.augment.domain`: "
+               "random contrast curve, bias field, resolution, noise and normalisation "
+               "percentiles on every training image) against the run of the same label type "
+               "trained without it, on the same test sets; the figure above shows every seed.")
+
+
 def sections(tables: dict[str, Table]) -> list[tuple[str, str, list[str], list[str]]]:
   """REPORT.md layout: ``(heading, text, table names, figure names)`` per section."""
   datasets = ", ".join(dict.fromkeys(r["dataset"] for r in tables["datasets"].rows))
@@ -373,6 +379,8 @@ def sections(tables: dict[str, Table]) -> list[tuple[str, str, list[str], list[s
       ("Weak vs strong labels", f"{verdict}\n\n{PAPER_NOTE}", ["comparison"],
        ["icc_per_dataset"]),
       ("Baselines (the floor)", FLOOR_NOTE, ["baselines"], []),
+      *([("Domain randomisation", DOMAIN_NOTE, ["domain_effect"], ["icc_per_dataset"])]
+        if "domain_effect" in tables else []),
       ("Volume agreement", "ICC(2,1) (two-way random, absolute agreement, paper §2.4) of "
        "predicted vs annotated WMH volume; ICC(3,1) (consistency) for reference.",
        ["icc_mean", "icc"], ["scatter", "bland_altman"]),

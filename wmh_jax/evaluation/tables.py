@@ -9,7 +9,7 @@ restored checkpoints.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -122,6 +122,35 @@ def comparison_table(icc_mean: Table) -> Table:
   return Table("comparison", "Weak vs strong labels: ICC(2,1), mean over seeds",
                ["dataset", "weak_run", "strong_run", "weak_icc_2_1", "strong_icc_2_1",
                 "difference"], table, note=note)
+
+
+def domain_effect_table(icc_mean: Table, domain_runs: Collection[str]) -> Table:
+  """With minus without domain randomisation: seed-mean ICC(2,1) and Dice per dataset.
+
+  Pairs every run in ``domain_runs`` (trained with ``augment.domain.enabled``)
+  with every run of the same kind trained without it. Empty when there is no
+  such pair.
+  """
+  by_run = group_rows(icc_mean.rows, ("run", "kind"))
+  table = []
+  for (run, kind), mine in by_run.items():
+    if run not in domain_runs:
+      continue
+    for (other, other_kind), theirs in by_run.items():
+      if other_kind != kind or other in domain_runs:
+        continue
+      without = {r["dataset"]: r for r in theirs}
+      for r in mine:
+        if r["dataset"] in without:
+          base = without[r["dataset"]]
+          table.append({"dataset": r["dataset"], "kind": kind, "run": other,
+                        "domain_run": run, "icc_2_1": base["icc_2_1"],
+                        "domain_icc_2_1": r["icc_2_1"],
+                        "icc_difference": r["icc_2_1"] - base["icc_2_1"],
+                        "mean_dice": base["mean_dice"], "domain_mean_dice": r["mean_dice"]})
+  return Table("domain_effect", "Domain randomisation: with minus without, mean over seeds",
+               ["dataset", "kind", "run", "domain_run", "icc_2_1", "domain_icc_2_1",
+                "icc_difference", "mean_dice", "domain_mean_dice"], table)
 
 
 def challenge_table(rows: Sequence[dict]) -> Table:
