@@ -1,4 +1,4 @@
-"""experiments/strong.py with domain-randomised augmentation (issue 15), for the generalisation study.
+"""experiments/strong.py with domain-randomised augmentation (issue 15).
 
 Not in the paper. Each training image gets a random scanner: contrast curve,
 bias field, resolution, noise and normalisation percentiles

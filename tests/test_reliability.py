@@ -408,7 +408,8 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_warning(reference, tmp_path
   assert warnings[0].startswith(f"checkpoint step {TOTAL_STEPS} in {run} is corrupt (")
   assert "\n" not in warnings[0]
   _, good = _restore_state(reference, 2 * STEPS_PER_EPOCH)
-  for a, b in zip(jax.tree.leaves(restored.variables["params"]), jax.tree.leaves(good["params"]), strict=True):
+  for a, b in zip(jax.tree.leaves(restored.variables["params"]), jax.tree.leaves(good["params"]),
+                  strict=True):
     assert np.array_equal(a, b)
 
 
@@ -608,7 +609,8 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint_and_a_clean_log(runs: Ru
   assert runs.after["poisoned"]["checkpoints"] == [3]
   assert runs.poisoned_latest.step == 3
   _, good = _restore_state(runs.reference, 3)
-  for a, b in zip(jax.tree.leaves(runs.poisoned_latest.variables["params"]), jax.tree.leaves(good["params"]),
+  for a, b in zip(jax.tree.leaves(runs.poisoned_latest.variables["params"]),
+                  jax.tree.leaves(good["params"]),
                   strict=True):
     assert np.array_equal(a, b)
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import optax
 import pytest
 
 import poison
@@ -113,7 +112,8 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(dataset, one_epoch, tmp_path
   # The resumed run's second batch is step 5.
   monkeypatch.setattr(pipeline, "make_train_iterator",
                       poison.poisoning(pipeline.make_train_iterator, 2))
-  with pytest.raises(TrainingError, match="non-finite loss nan at step 5; stopped. Last good checkpoint: step 3"):
+  with pytest.raises(TrainingError, match="non-finite loss nan at step 5; stopped. "
+                     "Last good checkpoint: step 3"):
     train.run(config, tmp_path / "run")
   restored = checkpoint.restore_for_inference(tmp_path / "run", "latest")
   assert restored.step == 3

@@ -209,7 +209,8 @@ def restore_for_inference(workdir: str | Path, which: str = "best") -> RestoredR
       missing = [f for f in RECIPE_MODEL_FIELDS if f not in config["model"]]
       if missing:
         raise CheckpointError(workdir, f"trained by an older wmh-jax (its config has no model."
-                              f"{missing[0]}; its segmentation head and pooling differ): retrain it")
+                              f"{missing[0]}; its segmentation head and pooling differ): "
+                              "retrain it")
       state = restored["state"]
       variables = {k: jax.tree.map(jax.device_get, state[k])
                    for k in ("params", "batch_stats") if k in state}

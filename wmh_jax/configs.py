@@ -90,7 +90,7 @@ def get_config(arg: str | None = None, recipe: dict | None = None) -> ml_collect
   domain = config.augment.domain
   domain.enabled = False            # off until its effect on the external domains is measured
   domain.probability = 0.8          # each of contrast, bias, resolution, noise applied with p
-  domain.gamma = (0.6, 1.65)        # log-uniform, exp(±0.5); SynthSeg codes: log-gamma std 0.4–0.5
+  domain.gamma = (0.6, 1.65)        # log-uniform, exp(±0.5); SynthSeg: log-gamma std 0.4–0.5
   domain.contrast_knots = 4         # interior knots of the random monotone curve (5 segments)
   domain.contrast_slope = (0.5, 2.0)  # log-uniform slope per segment: up to 4x between two
   domain.bias_log_std = (0.0, 0.5)  # std of the log field; SynthSeg codes: bias_field_std 0.3–0.7

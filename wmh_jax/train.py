@@ -62,7 +62,9 @@ def make_optimizer(train_config: ml_collections.ConfigDict,
 
 def make_init(model, optimizer: optax.GradientTransformation, mesh: Mesh,
               image_shape: tuple[int, ...]):
-  """``seed (int) -> state`` compiled with replicated ``out_shardings``; ``image_shape`` is (x, y, z).
+  """``seed (int) -> state``, compiled with replicated ``out_shardings``.
+
+  ``image_shape`` is (x, y, z).
 
   The state ``{"step", "params", "opt_state"}`` (plus ``batch_stats`` when
   the model keeps running statistics, ``model.pooled_norm="running"``) is
@@ -258,7 +260,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[State, 
   train_records, val_records = splits["train"], splits["val"]
   if not train_records or not val_records:
     raise TrainingError(config.data.manifest or None,
-                        f"need train and val scans, got {len(train_records)} and {len(val_records)}")
+                        f"need train and val scans, got {len(train_records)} and "
+                        f"{len(val_records)}")
 
   batch_size = config.train.batch_size
   steps_per_epoch = len(train_records) // batch_size

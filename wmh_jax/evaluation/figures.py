@@ -51,7 +51,8 @@ def _example_panels(network: networks_lib.Network, record: dict, out: dict[str, 
 
 
 def example_figure_data(networks: Sequence[networks_lib.Network],
-                        sets: Sequence[dict[str, list[dict]]], mesh: Mesh, count: int = 3) -> list[tuple[str, list[Panel]]]:
+                        sets: Sequence[dict[str, list[dict]]], mesh: Mesh, count: int = 3
+                        ) -> list[tuple[str, list[Panel]]]:
   """Fig. 3 panels for the ``count`` local test scans with the largest annotated volume.
 
   Uses the first seed of the first weak (else joint) run for the attention
