@@ -3,7 +3,7 @@
 ``python -m wmh_jax.study --config=experiments/domain_study.py:cpu --workdir=runs/study``
 
 weak and strong, each without and with domain-randomised augmentation
-(``experiments/*_domain.py``), evaluated on the local test set and the four
+(the config argument ``domain``: ``config.augment.domain.enabled``), evaluated on the local test set and the four
 external domains of the built-in cohort. Sharing the workdir with
 ``experiments/study.py`` reuses its finished weak and strong runs. Other
 fields as in ``experiments/study.py``.
@@ -20,7 +20,9 @@ _SPEC.loader.exec_module(_STUDY)
 
 def get_config(arg=None):
   config = _STUDY.get_config(arg)
-  suffix = f":{arg}" if arg else ""
-  config.experiments = tuple(f"{name}={HERE / name}.py{suffix}"
-                             for name in ("weak", "strong", "weak_domain", "strong_domain"))
+  plain = f":{arg}" if arg else ""
+  domain = f":{arg},domain" if arg else ":domain"
+  config.experiments = tuple(
+      [f"{kind}={HERE / kind}.py{plain}" for kind in ("weak", "strong")] +
+      [f"{kind}_domain={HERE / kind}.py{domain}" for kind in ("weak", "strong")])
   return config

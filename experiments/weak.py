@@ -20,6 +20,8 @@ Arguments (comma-separated, like big_vision's ``runlocal``):
          (``wmh_jax.configs.apply_cpu_variant``; listed in ``cpu_variant_changes``).
   paper  the paper-exact recipe (``wmh_jax.configs.PAPER_RECIPE``; listed in
          ``paper_recipe_changes``), e.g. ``:cpu,paper``.
+  domain domain-randomised augmentation (``augment.domain``; not in the paper;
+         README "Domain randomisation"), e.g. ``:cpu,domain``.
 """
 
 from wmh_jax import configs

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import ml_collections
 import nibabel as nib
 import numpy as np
@@ -336,3 +338,11 @@ def test_worker_count_does_not_change_batches(records):
     assert a.keys() == b.keys()
     for key in a:
       np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_domain_config_argument_turns_it_on_and_nothing_else():
+  plain = configs.get_config("cpu")
+  on = configs.get_config("cpu,domain")
+  assert not plain.augment.domain.enabled and on.augment.domain.enabled
+  assert configs.changed_fields(json.loads(plain.to_json()),
+                                json.loads(on.to_json())) == ["augment.domain.enabled"]

@@ -19,7 +19,7 @@ import json
 
 import ml_collections
 
-FLAGS = ("cpu", "paper")
+FLAGS = ("cpu", "paper", "domain")
 
 # The paper's value of every recipe field where the default deviates from it.
 PAPER_RECIPE = {
@@ -179,7 +179,8 @@ def apply_flags(config: ml_collections.ConfigDict, arg: str | None
   """Applies the config-file argument to ``config`` (in place) and returns it.
 
   ``paper`` first (:func:`apply_paper_recipe`), then ``cpu``
-  (:func:`apply_cpu_variant`), so ``:cpu,paper`` is the paper recipe at CPU size.
+  (:func:`apply_cpu_variant`), so ``:cpu,paper`` is the paper recipe at CPU size;
+  ``domain`` turns on domain-randomised augmentation (``augment.domain``).
   Experiment files set their recipe, then call this last.
 
   Raises:
@@ -190,6 +191,8 @@ def apply_flags(config: ml_collections.ConfigDict, arg: str | None
     apply_paper_recipe(config)
   if "cpu" in flags:
     apply_cpu_variant(config)
+  if "domain" in flags:
+    config.augment.domain.enabled = True
   return config
 
 
