@@ -46,7 +46,7 @@ from wmh_jax import configs
 
 DEFAULT_OUT = Path("bench/results.md")
 TRAIN_HEADERS = ("grid, filters", "model", "framework", "params", "s/step (median)",
-                 "volumes/s", "first step s", "JAX / this", "XLA GFLOP/step",
+                 "volumes/s", "first step s", "JAX / this", "GFLOP/step",
                  "achieved TFLOP/s", "of peak")
 TRAIN_HINT = ("python -m wmh_jax.main --config=experiments/weak.py:cpu --workdir=runs/weak, "
               "then --train_workdir=runs/weak")
@@ -136,32 +136,39 @@ def environment(argv: Sequence[str] | None) -> list[str]:
   return lines
 
 
-def _peak_cell(result: training.StepResult, device_kind: str) -> tuple[str, str]:
-  """(achieved TFLOP/s, fraction of the chip's peaks) cells of a JAX row."""
+def _peak_cell(result: training.StepResult, device_kind: str,
+               cpu_peak_tflops: float | None) -> tuple[str, str]:
+  """(achieved TFLOP/s, share of the device's peaks) cells of one row.
+
+  The peaks are the chip's published ones, or on a CPU the measured float32
+  matmul throughput (:func:`bench.training.measured_matmul_peak_tflops`).
+  """
   if result.flops is None:
     return "—", "—"
   achieved = result.flops / result.median_s / 1e12
   peaks = training.peak_tflops(device_kind)
+  if peaks is None and cpu_peak_tflops:
+    peaks = {"measured fp32 matmul": cpu_peak_tflops}
   if peaks is None:
     return report.fmt(achieved), f"unknown (`{device_kind}`)"
   return report.fmt(achieved), " · ".join(
-      f"{100 * achieved / peak:.1f}% of {name} {peak:g}" for name, peak in peaks.items())
+      f"{100 * achieved / peak:.1f}% of {name} {report.fmt(peak)}" for name, peak in peaks.items())
 
 
 def _train_row(result: training.StepResult, jax_result: training.StepResult,
-               device_kind: str) -> list[str]:
+               device_kind: str, cpu_peak_tflops: float | None = None) -> list[str]:
   """One training-table row; the ratio column is JAX time / this time."""
   is_jax = result is jax_result
   first = report.fmt(result.warmup_s)
   if result.compile_s is not None:
     first += f" (+{report.fmt(result.compile_s)} compile)"
-  achieved, peak = _peak_cell(result, device_kind) if is_jax else ("—", "—")
+  achieved, peak = _peak_cell(result, device_kind, cpu_peak_tflops)
   return ["x".join(map(str, result.shape)) + f", f={result.base_filters}", result.kind,
           result.framework, f"{result.params:,}",
           f"{report.fmt(result.median_s)} (n={len(result.times_s)})",
           report.fmt(result.volumes_per_s), first,
           "—" if is_jax else report.fmt(jax_result.median_s / result.median_s),
-          report.fmt(result.flops / 1e9) if is_jax and result.flops else "—", achieved, peak]
+          report.fmt(result.flops / 1e9) if result.flops else "—", achieved, peak]
 
 
 def _train_note(label: str, results: list[training.StepResult]) -> str:
@@ -184,6 +191,12 @@ class Suite:
     self.args = args
     self.out: Path = args.out
     self.report = report.Report("wmh-jax benchmark", environment(argv))
+    self.cpu_peak_tflops = (training.measured_matmul_peak_tflops()
+                            if jax.default_backend() == "cpu" else None)
+    if self.cpu_peak_tflops:
+      self.report.preamble.append(
+          f"roofline: measured float32 matmul peak {1e3 * self.cpu_peak_tflops:.0f} GFLOP/s "
+          f"(2048^3 `jnp.dot`, all {os.cpu_count()} cores, median of 5)")
     self.device_kind = jax.devices()[0].device_kind
     self.train_rows: list[list[str]] = []
     self.train = report.Section(
@@ -192,8 +205,11 @@ class Suite:
         [f"median of {args.repeats} timed step(s) after 1 warm-up step; volumes/s = "
          f"{training.BATCH} / median; 'JAX / this' = JAX s/step / this PyTorch s/step "
          "(< 1: JAX faster)",
-         "XLA GFLOP/step: `compiled.cost_analysis()` of the executed program (on CPU the "
-         "2D conv formulations, so not the textbook 3D-conv count)"])
+         "GFLOP/step: JAX, `compiled.cost_analysis()` of the executed program (on CPU the "
+         "2D conv formulations, so not the textbook 3D-conv count); PyTorch, "
+         "`torch.utils.flop_counter.FlopCounterMode` (convolutions and matmuls only)",
+         "achieved = GFLOP/step / median s/step; 'of peak' on a CPU is against the measured "
+         "float32 matmul throughput of all cores (the preamble's roofline line)"])
     self.report.sections.append(self.train)
     self.torch_device = self._torch_device()
 
@@ -252,7 +268,8 @@ class Suite:
               f"params JAX {jax_result.params:,} == PyTorch {torch_result.params:,}; "
               f"outputs {jax_result.output_shapes} match", flush=True)
         results.append(torch_result)
-      self.train_rows += [_train_row(r, jax_result, self.device_kind) for r in results]
+      self.train_rows += [_train_row(r, jax_result, self.device_kind, self.cpu_peak_tflops)
+                          for r in results]
       self.train.table = report.markdown_table(TRAIN_HEADERS, self.train_rows)
       self.train.notes.append(_train_note(label, results))
       self.save()

@@ -98,7 +98,8 @@ class StepResult:
     warmup_s: the first (untimed-for-the-median) step, seconds.
     times_s: the timed steps, seconds.
     compile_s: JAX ahead-of-time compilation, seconds.
-    flops: XLA's FLOP count of one step (JAX only).
+    flops: FLOPs of one step: XLA's ``cost_analysis`` (JAX), PyTorch's
+      ``FlopCounterMode`` (convolutions and matmuls only).
     temp_bytes: XLA's temporary buffer estimate (JAX only).
   """
   framework: str
@@ -140,6 +141,24 @@ def peak_tflops(device_kind: str) -> dict[str, float] | None:
     if key in kind:
       return {name: value for name, value in zip(PEAK_NAMES, peaks) if value is not None}
   return None
+
+
+def measured_matmul_peak_tflops(n: int = 2048, repeats: int = 5) -> float:
+  """Float32 matmul throughput of the default JAX device (all its cores), TFLOP/s.
+
+  The roofline's compute ceiling where no published peak applies (CPUs): the
+  median of ``repeats`` timed ``(n, n) @ (n, n)`` products (``2 n^3`` FLOPs)
+  after one warm-up.
+  """
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(matmul(a))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(matmul(a))
+    times.append(time.perf_counter() - start)
+  return 2.0 * n**3 / float(np.median(times)) / 1e12
 
 
 # Length of the learning-rate schedule of a timed step (it only has to exceed the steps timed).
@@ -231,6 +250,9 @@ def time_torch_step(config: ml_collections.ConfigDict, batch: dict[str, np.ndarr
     target = torch.from_numpy(batch["mask"][..., 0]).to(device)
   step = torch_reference.make_train_step(model, kind, image, target)
   warmup, times = report.measure(step, repeats)
+  from torch.utils.flop_counter import FlopCounterMode  # pylint: disable=import-outside-toplevel
+  with FlopCounterMode(display=False) as counter:  # one more step, untimed
+    step()
   with torch.device("meta"):
     meta_outputs = torch_reference.build_model(kind, filters, depth)(
         torch.empty(image.shape))
@@ -239,7 +261,8 @@ def time_torch_step(config: ml_collections.ConfigDict, batch: dict[str, np.ndarr
                     kind=kind, shape=grid(config),
                     base_filters=int(filters), params=torch_reference.count_params(model),
                     output_shapes={k: tuple(v.shape) for k, v in meta_outputs.items()},
-                    warmup_s=warmup, times_s=times)
+                    warmup_s=warmup, times_s=times,
+                    flops=float(counter.get_total_flops()) or None)
 
 
 def check_same_net(jax_result: StepResult, torch_result: StepResult) -> None:

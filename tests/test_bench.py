@@ -148,6 +148,21 @@ def test_peak_table():
   assert training.peak_tflops("cpu") is None
 
 
+def test_roofline_cells_use_the_measured_cpu_peak():
+  peak = training.measured_matmul_peak_tflops(n=128, repeats=2)
+  assert peak > 0
+  result = training.StepResult(framework="JAX", kind="weak", shape=(8, 8, 4), base_filters=2,
+                               params=10, output_shapes={}, warmup_s=1.0, times_s=[0.5, 0.5],
+                               flops=2e9)
+  cell = run._peak_cell  # pylint: disable=protected-access
+  achieved, share = cell(result, "cpu", 0.4)
+  assert achieved == report.fmt(0.004)
+  assert share == f"1.0% of measured fp32 matmul {report.fmt(0.4)}"
+  assert cell(result, "cpu", None)[1] == "unknown (`cpu`)"
+  no_count = training.StepResult(**{**result.__dict__, "flops": None})
+  assert cell(no_count, "cpu", 0.4) == ("—", "—")
+
+
 def test_phantom_is_a_brain_with_lesions():
   from bench import host
   image, mask = host.phantom((32, 32, 8), (1.4, 1.4, 4.2), seed=0)
