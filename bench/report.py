@@ -130,26 +130,30 @@ def timing_files(workdir: Path) -> list[Path]:
 def read_data_wait(path: Path) -> DataWait:
   """Parses a ``timing.jsonl`` written by ``wmh_jax.logs.MetricLogger``.
 
-  Each line is ``{"step", "step_time_s", "data_wait_s"}``; torn or foreign
-  lines are skipped and a repeated step keeps its last record. The first
-  step (compilation) is left out.
+  Each timing line is ``{"step", "steps", "step_time_s", "data_wait_s"}``:
+  the mean step time and data wait over the ``steps`` steps of one log
+  interval ending at ``step`` (``steps`` absent = 1, older logs). Torn or
+  foreign lines (the compile-time record) are skipped and a repeated step
+  keeps its last record. The first interval (compilation, warm-up) is left
+  out; medians and the share weight each interval by its steps.
 
   Raises:
-    ValueError: if fewer than two steps are logged.
+    ValueError: if fewer than two intervals are logged.
   """
-  by_step: dict[int, tuple[float, float]] = {}
+  by_step: dict[int, tuple[float, float, int]] = {}
   for line in path.read_text().splitlines():
     try:
       record = json.loads(line)
       by_step[int(record["step"])] = (float(record["step_time_s"]),
-                                      float(record["data_wait_s"]))
+                                      float(record["data_wait_s"]), int(record.get("steps", 1)))
     except (ValueError, KeyError, TypeError):
       continue
   kept = [by_step[step] for step in sorted(by_step)[1:]]
   if not kept:
-    raise ValueError(f"{path}: fewer than two training steps logged")
-  step_times = [s for s, _ in kept]
-  waits = [w for _, w in kept]
-  return DataWait(path=path, steps=len(kept), median_step_s=statistics.median(step_times),
+    raise ValueError(f"{path}: fewer than two training intervals logged")
+  step_times = [s for s, _, n in kept for _ in range(n)]
+  waits = [w for _, w, n in kept for _ in range(n)]
+  return DataWait(path=path, steps=len(step_times),
+                  median_step_s=statistics.median(step_times),
                   median_wait_s=statistics.median(waits),
                   wait_share=sum(waits) / sum(step_times))

@@ -169,3 +169,16 @@ def test_phantom_is_a_brain_with_lesions():
   assert image.dtype == mask.dtype == np.float32
   assert 0 < mask.sum() < (image > 0).sum()
   assert np.all(image[mask > 0] == 1.0)
+
+
+def test_read_data_wait_weights_log_intervals_by_their_steps(tmp_path):
+  lines = [json.dumps({"step": 10, "steps": 10, "step_time_s": 3.0, "data_wait_s": 1.0}),
+           json.dumps({"step": 20, "steps": 10, "step_time_s": 1.0, "data_wait_s": 0.1}),
+           json.dumps({"step": 23, "steps": 3, "step_time_s": 2.0, "data_wait_s": 0.4}),
+           json.dumps({"step": 23, "compile_s": 11.0})]  # the compile record is not a step
+  path = tmp_path / "timing.jsonl"
+  path.write_text("\n".join(lines) + "\n")
+  wait = report.read_data_wait(path)
+  assert wait.steps == 13
+  assert wait.median_step_s == pytest.approx(1.0)
+  assert wait.wait_share == pytest.approx((10 * 0.1 + 3 * 0.4) / (10 * 1.0 + 3 * 2.0))
