@@ -21,7 +21,6 @@ first interval excluded) per mode, and their ratio. Not a test; never run by CI.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -30,21 +29,11 @@ from pathlib import Path
 
 from absl import flags
 
+from bench import report
 from wmh_jax import study, train
 
 MODES = {"sync": {"train.log_every_steps": 1, "train.prefetch_batches": 0},
          "async": {"train.log_every_steps": 10, "train.prefetch_batches": 2}}
-
-
-def _timing(run_dir: Path) -> tuple[float, float]:
-  """Median step time (s) and data-wait share of one run, first interval excluded."""
-  rows = [json.loads(line) for line in (run_dir / "timing.jsonl").read_text().splitlines()]
-  rows = [r for r in rows if "step_time_s" in r][1:]
-  # Every step counts once, at its interval's mean.
-  per_step = [r["step_time_s"] for r in rows for _ in range(r["steps"])]
-  wait = sum(r["data_wait_s"] * r["steps"] for r in rows) / sum(r["step_time_s"] * r["steps"]
-                                                               for r in rows)
-  return statistics.median(per_step), wait
 
 
 def main() -> None:
@@ -65,7 +54,8 @@ def main() -> None:
         run_dir = Path(root) / f"{mode}_{repeat}"
         start = time.perf_counter()
         train.run(config, run_dir)
-        results[mode].append(_timing(run_dir))
+        wait = report.read_data_wait(run_dir / "timing.jsonl")
+        results[mode].append((wait.median_step_s, wait.wait_share))
         print(f"{mode} repeat {repeat}: {time.perf_counter() - start:.0f} s, "
               f"median {results[mode][-1][0]:.3f} s/step, data wait "
               f"{100 * results[mode][-1][1]:.1f}%", flush=True)

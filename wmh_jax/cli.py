@@ -29,6 +29,9 @@ class _DropOrbaxNotices(std_logging.Filter):
     return not any(notice in message for notice in _ORBAX_NOTICES)
 
 
+_ORBAX_FILTER = _DropOrbaxNotices()
+
+
 def quiet_library_logs(verbosity: int | None) -> None:
   """Warnings and errors only, without Orbax's read-only notices; ``verbosity`` 0/1 = INFO/debug."""
   if verbosity is not None:
@@ -36,7 +39,7 @@ def quiet_library_logs(verbosity: int | None) -> None:
     return
   logging.set_verbosity(logging.WARNING)
   std_logging.getLogger().setLevel(std_logging.WARNING)
-  std_logging.getLogger("absl").addFilter(_DropOrbaxNotices())
+  std_logging.getLogger("absl").addFilter(_ORBAX_FILTER)  # a no-op if already added
 
 
 def start(verbosity: int | None = None, compilation_cache: str | None = None) -> None:
