@@ -1,4 +1,4 @@
-"""Test-only NaN injection: wraps the training iterator so that one batch is poisoned.
+"""Test-only hooks on the training iterator: a NaN batch, a SIGTERM at a known batch.
 
 The production loop knows nothing of it: tests replace
 ``wmh_jax.data.pipeline.make_train_iterator`` (``monkeypatch`` in-process,
@@ -7,6 +7,8 @@ The production loop knows nothing of it: tests replace
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any, Callable
 
 import numpy as np
@@ -36,6 +38,39 @@ class PoisonedBatches:
 
   def set_state(self, state: Any) -> None:
     self.inner.set_state(state)
+
+
+class SigtermAt:
+  """The wrapped iterator's batches; taking the ``batch``-th (1-based) sends this process SIGTERM.
+
+  A preemption notice at a known point of the loop, so tests need not race the
+  training process. Checkpointable like the wrapped iterator.
+  """
+
+  def __init__(self, inner: Any, batch: int):
+    self.inner, self.batch, self.count = inner, batch, 0
+
+  def __iter__(self) -> "SigtermAt":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    self.count += 1
+    if self.count == self.batch:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return next(self.inner)
+
+  def get_state(self) -> Any:
+    return self.inner.get_state()
+
+  def set_state(self, state: Any) -> None:
+    self.inner.set_state(state)
+
+
+def sigterm_at(make_train_iterator: Callable, batch: int) -> Callable:
+  """``make_train_iterator`` whose iterator sends SIGTERM when taking its ``batch``-th batch."""
+  def make(*args, **kwargs):
+    return SigtermAt(make_train_iterator(*args, **kwargs), batch)
+  return make
 
 
 def poisoning(make_train_iterator: Callable, step: int) -> Callable:

@@ -8,7 +8,8 @@ compiles. Two interrupted lineages run side by side; the test process
 watches their workdirs and signals them mid-run:
 
 * ``reference``: uninterrupted, 3 epochs (9 steps, checkpoints at 3, 6, 9);
-* ``stopped``: a ``--seeds=0,1`` sweep, SIGTERM once step 4 is logged (the sweep
+* ``stopped``: a ``--seeds=0,1`` sweep, SIGTERM during step 5, sent by the run itself
+  when it takes batch 7 (``tests/poisoned_main.py``; no race with the test) (the sweep
   ends without starting seed 1); then resumed (seed 0) to the end;
 * ``killed``: a NaN batch at step 5 (``tests/poisoned_main.py``) stops it; resumed
   and SIGKILLed once checkpoint 6 exists and step 7 is logged; checkpoint 6 is
@@ -61,6 +62,7 @@ EPOCHS = 3
 STEPS_PER_EPOCH = 3  # 12 training scans of the 20-scan tiny dataset, batch 4
 TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH
 NAN_STEP = 5         # 1-based step whose batch is poisoned
+SIGTERM_BATCH = 7    # the stopped run sends itself SIGTERM when taking this batch (step 5)
 TIMEOUT_S = 600
 
 
@@ -145,16 +147,19 @@ def study(tmp_path_factory) -> Study:
   return study
 
 
-def _launch(study: Study, name: str, *overrides: str, poison_step: int | None = None) -> Launch:
+def _launch(study: Study, name: str, *overrides: str, poison_step: int | None = None,
+            sigterm_batch: int | None = None) -> Launch:
   """Starts ``python -m wmh_jax.main`` with the study's config in ``study.root / name``.
 
-  With ``poison_step``, the CLI runs through ``tests/poisoned_main.py``: that
-  training batch (1-based) is NaN.
+  With ``poison_step`` or ``sigterm_batch``, the CLI runs through
+  ``tests/poisoned_main.py``: that training batch (1-based) is NaN, or taking
+  that batch sends the process SIGTERM.
   """
   workdir = study.root / name
   log = study.root / f"{name}.{len(list(study.root.glob(f'{name}.*.log')))}.log"
-  entry = (["-m", "wmh_jax.main"] if poison_step is None else
-           ["tests/poisoned_main.py", f"--poison_step={poison_step}"])
+  hooks = [f"--{flag}={value}" for flag, value in (("poison_step", poison_step),
+                                                     ("sigterm_batch", sigterm_batch)) if value]
+  entry = ["tests/poisoned_main.py", *hooks] if hooks else ["-m", "wmh_jax.main"]
   command = [sys.executable, *entry, "--config=tests/tiny_experiment.py",
              f"--config.data.manifest={study.manifest}",
              f"--config.data.cache_dir={study.cache_dir}",
@@ -230,8 +235,10 @@ def _reaped(study: Study) -> Iterator[Callable[..., Launch]]:
   """Yields :func:`_launch` for ``study``; kills what it started that still runs at exit."""
   started: list[Launch] = []
 
-  def launch(name: str, *overrides: str, poison_step: int | None = None) -> Launch:
-    started.append(_launch(study, name, *overrides, poison_step=poison_step))
+  def launch(name: str, *overrides: str, poison_step: int | None = None,
+             sigterm_batch: int | None = None) -> Launch:
+    started.append(_launch(study, name, *overrides, poison_step=poison_step,
+                           sigterm_batch=sigterm_batch))
     return started[-1]
 
   try:
@@ -268,10 +275,12 @@ def _run_lineages(launch: Callable[..., Launch], reference: Path) -> Runs:
     after[name] = {"checkpoints": _checkpoint_steps(leg.run), "logged": _logged_steps(leg.run)}
 
   # Phase 1: SIGTERM mid-epoch | a NaN loss at step 5.
-  stopped = launch("stopped", "--seeds=0,1")  # SIGTERM must also end the sweep
+  # SIGTERM must also end the sweep. It comes when the run takes batch
+  # SIGTERM_BATCH: during step SIGTERM_BATCH - 2 (2 batches are prefetched), after
+  # step SIGTERM_BATCH - 3 was logged (metrics are fetched every step here).
+  stopped = launch("stopped", "--seeds=0,1", sigterm_batch=SIGTERM_BATCH)
   poisoned = launch("killed", poison_step=NAN_STEP)
-  sent = _signal_when({"stopped": (stopped, signal.SIGTERM,
-                                   lambda run: max(_logged_steps(run), default=0) >= 4)})
+  sent = {"stopped": SIGTERM_BATCH - 3}
   finish("stopped", stopped)
   finish("poisoned", poisoned)
   poisoned_metrics = (poisoned.run / "metrics.jsonl").read_text()
