@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bench import report, run, training
+from bench import profile, report, run, training
 from wmh_jax import models
 
 TINY_SHAPE = (16, 16, 8)
@@ -70,6 +70,57 @@ def test_bench_steps_run_and_check_the_same_net():
   torch_result.params += 1
   with pytest.raises(AssertionError, match="parameters"):
     training.check_same_net(jax_result, torch_result)
+
+
+def test_module_and_pass_from_op_names():
+  assert profile.module_and_pass(
+      "jit(per_device)/jvp(GPUNet)/body/up_0/conv_0/conv_general_dilated") == (
+          "body/up_0/conv_0", "forward")
+  assert profile.module_and_pass(
+      "jit(per_device)/transpose(jvp(GPUNet))/body/up_0/conv_0/bxyzc,ijkco->bxyzijko/"
+      "dot_general") == ("body/up_0/conv_0", "backward")
+  assert profile.module_and_pass("jit(per_device)/add") == ("(step)", "update")
+
+
+HLO_SNIPPET = """HloModule m
+
+%fused_computation.1 (param_0: f32[4,8]) -> f32[8,4] {
+  %param_0 = f32[4,8]{1,0} parameter(0)
+  ROOT %transpose.1 = f32[8,4]{1,0} transpose(%param_0), dimensions={1,0}
+}
+
+ENTRY %main (p: f32[4,8]) -> f32[8,4] {
+  %p = f32[4,8]{1,0} parameter(0)
+  %add.2 = f32[4,8]{1,0} add(%p, %p), metadata={op_name="jit(f)/jvp(Net)/body/conv/add"}
+  ROOT %transpose_fusion.3 = f32[8,4]{1,0} fusion(%add.2), kind=kLoop, calls=%fused_computation.1
+}
+"""
+
+
+def test_untagged_instructions_inherit_the_module_of_their_input():
+  instructions, op_names = profile.parse_hlo(HLO_SNIPPET)
+  assert instructions["transpose_fusion.3"].calls == "fused_computation.1"
+  assert instructions["transpose_fusion.3"].operands == ["add.2"]
+  assert profile.own_op_name(instructions["transpose_fusion.3"], op_names) == ""
+  assert profile.inherited_op_name("transpose_fusion.3", instructions, op_names) == (
+      "jit(f)/jvp(Net)/body/conv/add")
+  assert profile.op_class("ynn_fusion.61") == "ynn_fusion"
+  assert profile.is_library_call("ynn_fusion.61") and not profile.is_library_call("add.2")
+
+
+def test_profile_of_a_tiny_step_attributes_time_to_modules_and_passes():
+  config = _tiny_config("weak")
+  config.model.depth = 1
+  step = training.JaxStep(config, training.synthetic_batch(TINY_SHAPE))
+  ops = profile.profile_step(step, repeats=1)
+  assert ops and all(op.ms >= 0 for op in ops)
+  passes = {op.step_pass for op in ops}
+  assert {"forward", "backward"} <= passes
+  modules = {op.module for op in ops}
+  assert any(module.startswith("body/down_0/conv_") for module in modules)
+  sections = profile.summary_sections("weak", ops, step_s=0.1)
+  assert [s.heading for s in sections] == ["weak: by op class", "weak: by module and pass",
+                                           "weak: top 15 instructions"]
 
 
 def test_markdown_table_and_report():

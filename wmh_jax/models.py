@@ -30,6 +30,7 @@ see `configs.py`):
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -53,6 +54,58 @@ def max_pool_2x(x: jax.Array) -> jax.Array:
   b, nx, ny, nz, c = x.shape
   x = x.reshape(b, nx // 2, 2, ny // 2, 2, nz // 2, 2, c)
   return x.max(axis=(2, 4, 6))
+
+
+class FeatureStack(NamedTuple):
+  """A channel concatenation of feature maps, some on the 2x coarser grid, never materialised.
+
+  The map it stands for is ``concat([upsample(part) for part in parts], -1)``,
+  (b, x, y, z, C), where a part with ``factor`` 2 is (b, x/2, y/2, z/2, c_i)
+  and is upsampled by `conv.upsample_2x`, and a part with ``factor`` 1 is at
+  full resolution. The heads need only its voxel mean and its dot product
+  with a weight vector; both are linear, and nearest upsampling commutes
+  with them, so the coarse part is reduced on its own grid. The last U-Net
+  block's output would otherwise be the largest array of the step: 115
+  channels at 56x64x16 for the CPU variant, 451 at 112x128x32 for the paper's
+  (3.3 GB at batch 4), written forward and again for its gradient.
+
+  Attributes:
+    parts: ((array, factor), ...) in channel order; factor 1 or 2.
+  """
+  parts: tuple[tuple[jax.Array, int], ...]
+
+  @classmethod
+  def of(cls, features: "jax.Array | FeatureStack") -> "FeatureStack":
+    """``features`` itself, or a full-resolution array as a one-part stack."""
+    return features if isinstance(features, FeatureStack) else cls(((features, 1),))
+
+  @property
+  def channels(self) -> int:
+    """C, the number of channels of the stacked map."""
+    return sum(part.shape[-1] for part, _ in self.parts)
+
+  def mean(self) -> jax.Array:
+    """The voxel mean of the stacked map, (b, C); upsampling keeps a part's mean."""
+    return jnp.concatenate([part.mean(axis=(1, 2, 3)) for part, _ in self.parts], axis=-1)
+
+  def project(self, weights: jax.Array) -> jax.Array:
+    """The stacked map's dot product with ``weights`` (C,): (b, x, y, z)."""
+    total, start = None, 0
+    for part, factor in self.parts:
+      channels = part.shape[-1]
+      projected = part @ weights[start:start + channels]
+      start += channels
+      if factor == 2:
+        projected = conv.upsample_2x(projected[..., None])[..., 0]
+      elif factor != 1:
+        raise ValueError(f"FeatureStack parts must have factor 1 or 2, got {factor}")
+      total = projected if total is None else total + projected
+    return total
+
+  def materialize(self) -> jax.Array:
+    """The stacked map itself, (b, x, y, z, C)."""
+    return jnp.concatenate([conv.upsample_2x(part) if factor == 2 else part
+                            for part, factor in self.parts], axis=-1)
 
 
 def normalise(x: jax.Array, norm: str, name: str) -> jax.Array:
@@ -95,13 +148,14 @@ class UpBlock(nn.Module):
   norm: str = "none"
 
   @nn.compact
-  def __call__(self, coarse: jax.Array, skip: jax.Array) -> jax.Array:
-    """coarse (b, x/2, y/2, z/2, cu), skip (b, x, y, z, cs) -> (b, x, y, z, cu + cs + features)."""
+  def __call__(self, coarse: jax.Array, skip: jax.Array) -> FeatureStack:
+    """coarse (b, x/2, y/2, z/2, cu), skip (b, x, y, z, cs) -> the stack of
+    (upsampled coarse, skip, block output): (b, x, y, z, cu + cs + features)."""
     h = conv.UpConcatConv3D(self.features, impl=self.conv_impl, name="conv_0")(coarse, skip)
     h = nn.relu(normalise(h, self.norm, "norm_0"))
     h = conv.Conv3D(self.features, impl=self.conv_impl, name="conv_1")(h)
     h = nn.relu(normalise(h, self.norm, "norm_1"))
-    return jnp.concatenate([conv.upsample_2x(coarse), skip, h], axis=-1)
+    return FeatureStack(((coarse, 2), (skip, 1), (h, 1)))
 
 
 class UNetBody(nn.Module):
@@ -119,8 +173,8 @@ class UNetBody(nn.Module):
   norm: str = "none"
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """(b, x, y, z, c) -> last feature maps F (b, x, y, z, C)."""
+  def __call__(self, x: jax.Array) -> FeatureStack:
+    """(b, x, y, z, c) -> last feature maps F (b, x, y, z, C), as a `FeatureStack`."""
     factor = 2 ** self.depth
     if x.ndim != 5 or any(n % factor for n in x.shape[1:4]):
       raise ValueError(f"input shape {tuple(x.shape)} must be (b, x, y, z, c) "
@@ -133,10 +187,12 @@ class UNetBody(nn.Module):
       x = max_pool_2x(x)
     x = Block(self.base_filters * 2**self.depth, self.conv_impl, self.norm,
               name="bottom")(x)
+    features = FeatureStack.of(x)
     for level in reversed(range(self.depth)):
-      x = UpBlock(self.base_filters * 2**level, self.conv_impl, self.norm,
-                  name=f"up_{level}")(x, skips[level])
-    return x
+      coarse = features.materialize()
+      features = UpBlock(self.base_filters * 2**level, self.conv_impl, self.norm,
+                         name=f"up_{level}")(coarse, skips[level])
+    return features
 
 
 class RunningStandardize(nn.Module):
@@ -190,8 +246,9 @@ class RunningStandardize(nn.Module):
 class PooledFeatures(nn.Module):
   """Global average pool x pool_scale, then optionally `RunningStandardize`.
 
-  The pooling is linear, so the same affine map applied voxel-wise to the
-  feature maps averages to the pooled value: `to_voxels` returns that map.
+  The pooling is linear, so one per-channel affine map ``F * scale + offset``
+  applied voxel-wise to the feature maps F averages to the pooled value; the
+  module returns that map's ``scale`` and ``offset`` with the pooled vector.
 
   Attributes:
     pool_scale: average-pool multiplier (1.0 = paper).
@@ -205,31 +262,34 @@ class PooledFeatures(nn.Module):
   axis_name: str | None = None
 
   @nn.compact
-  def __call__(self, features: jax.Array, train: bool = False
-               ) -> tuple[jax.Array, jax.Array]:
-    """F (b, x, y, z, C) -> (pooled (b, C), voxel-wise map (b, x, y, z, C)).
+  def __call__(self, features: jax.Array | FeatureStack, train: bool = False
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """F (b, x, y, z, C) -> (pooled (b, C), scale (C,), offset (C,)).
 
-    `voxel-wise map.mean(axis=(1, 2, 3)) == pooled` up to float rounding.
+    ``(F * scale + offset).mean(axis=(1, 2, 3)) == pooled`` up to float rounding.
     """
-    scaled = features * self.pool_scale
-    pooled = scaled.mean(axis=(1, 2, 3))
+    features = FeatureStack.of(features)
+    pooled = features.mean() * self.pool_scale
+    scale = jnp.full((features.channels,), self.pool_scale, jnp.float32)
     if self.pooled_norm == "none":
-      return pooled, scaled
+      return pooled, scale, jnp.zeros_like(scale)
     pooled, mean, inv_std = RunningStandardize(self.momentum, axis_name=self.axis_name,
                                                name="standardize")(pooled, update=train)
-    return pooled, (scaled - mean) * inv_std
+    return pooled, scale * inv_std, -mean * inv_std
 
 
 class VolumeHead(nn.Module):
   """GP head: pooled features -> Dense(1), and its attention map (paper §2.2).
 
-  With G the voxel-wise feature map of `PooledFeatures` (b, x, y, z, C), whose
-  voxel mean is the pooled vector g, and W (C,), bias the Dense parameters:
+  With G = F * scale + offset the voxel-wise feature map of `PooledFeatures`
+  (b, x, y, z, C), whose voxel mean is the pooled vector g, and W (C,), bias
+  the Dense parameters:
     volume    = g . W + bias                           (b,)
     attention = G . W                                  (b, x, y, z)
   so that `attention.mean(axis=(1, 2, 3)) + bias == volume` exactly (up to
   float rounding): the attention map is the Dense weights applied to the
-  decoded feature maps before pooling.
+  decoded feature maps before pooling. G is never materialised:
+  ``attention = F . (scale * W) + offset . W`` (`FeatureStack.project`).
 
   Attributes:
     pool_scale, pooled_norm, momentum, axis_name: see `PooledFeatures`.
@@ -245,10 +305,12 @@ class VolumeHead(nn.Module):
   zero_init_kernel: bool = False
 
   @nn.compact
-  def __call__(self, features: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+  def __call__(self, features: jax.Array | FeatureStack, train: bool = False
+               ) -> dict[str, jax.Array]:
     """F (b, x, y, z, C) -> {'volume': (b,), 'attention': (b, x, y, z)}."""
-    pooled, voxelwise = PooledFeatures(self.pool_scale, self.pooled_norm, self.momentum,
-                                       self.axis_name, name="pool")(features, train)
+    features = FeatureStack.of(features)
+    pooled, scale, offset = PooledFeatures(self.pool_scale, self.pooled_norm, self.momentum,
+                                           self.axis_name, name="pool")(features, train)
     kernel_init = (nn.initializers.zeros if self.zero_init_kernel
                    else nn.initializers.lecun_normal())
     dense = nn.Dense(1, kernel_init=kernel_init,
@@ -256,7 +318,25 @@ class VolumeHead(nn.Module):
                      name="dense")
     volume = dense(pooled)[:, 0]
     weights = dense.variables["params"]["kernel"][:, 0]
-    return {"volume": volume, "attention": voxelwise @ weights}
+    attention = features.project(scale * weights) + offset @ weights
+    return {"volume": volume, "attention": attention}
+
+
+class VoxelDense(nn.Module):
+  """``nn.Dense(1)`` applied voxel-wise to a `FeatureStack`, with nn.Dense's parameters.
+
+  Attributes:
+    bias_init: initial output (logit).
+  """
+  bias_init: float = 0.0
+
+  @nn.compact
+  def __call__(self, features: FeatureStack) -> jax.Array:
+    """F (b, x, y, z, C) -> F . kernel + bias, (b, x, y, z)."""
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (features.channels, 1),
+                        jnp.float32)
+    bias = self.param("bias", nn.initializers.constant(self.bias_init), (1,), jnp.float32)
+    return features.project(kernel[:, 0]) + bias[0]
 
 
 class SegHead(nn.Module):
@@ -269,10 +349,9 @@ class SegHead(nn.Module):
   bias_init: float = 0.0
 
   @nn.compact
-  def __call__(self, features: jax.Array) -> jax.Array:
+  def __call__(self, features: jax.Array | FeatureStack) -> jax.Array:
     """F (b, x, y, z, C) -> voxel WMH logits (b, x, y, z)."""
-    dense = nn.Dense(1, bias_init=nn.initializers.constant(self.bias_init), name="dense")
-    return dense(features)[..., 0]
+    return VoxelDense(self.bias_init, name="dense")(FeatureStack.of(features))
 
 
 class GPUNet(nn.Module):
@@ -328,7 +407,7 @@ class SeverityNet(nn.Module):
   def __call__(self, image: jax.Array, train: bool = False) -> dict[str, jax.Array]:
     """image (b, x, y, z, 1) -> {'severity_logits': (b, num_classes)}."""
     features = UNetBody(**self.body, name="body")(image)
-    pooled, _ = PooledFeatures(**self.pool, name="pool")(features, train)
+    pooled, _, _ = PooledFeatures(**self.pool, name="pool")(features, train)
     return {"severity_logits": nn.Dense(self.num_classes, name="severity_head")(pooled)}
 
 
