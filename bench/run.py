@@ -42,7 +42,7 @@ from pathlib import Path
 import jax
 
 from bench import host, report, training
-from wmh_jax import configs
+from wmh_jax import configs, host_devices
 
 DEFAULT_OUT = Path("bench/results.md")
 TRAIN_HEADERS = ("grid, filters", "model", "framework", "params", "s/step (median)",
@@ -65,6 +65,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="PyTorch memory formats to time (ratios use each)")
   parser.add_argument("--torch_threads", default=str(os.cpu_count() or 1),
                       help="torch.set_num_threads values to time (default: os.cpu_count())")
+  parser.add_argument("--cpu_devices", type=int, default=None,
+                      help="also time the JAX step data-parallel over this many CPU devices "
+                           "(the host split by wmh_jax.host_devices; CPU only)")
   parser.add_argument("--train_workdir", type=Path, default=None,
                       help="a finished training run (or seed sweep) whose timing.jsonl to read")
   args = parser.parse_args(argv)
@@ -157,8 +160,8 @@ def _peak_cell(result: training.StepResult, device_kind: str,
 
 def _train_row(result: training.StepResult, jax_result: training.StepResult,
                device_kind: str, cpu_peak_tflops: float | None = None) -> list[str]:
-  """One training-table row; the ratio column is JAX time / this time."""
-  is_jax = result is jax_result
+  """One training-table row; the ratio column is (1-device) JAX time / this time."""
+  is_jax = result.framework.startswith("JAX")
   first = report.fmt(result.warmup_s)
   if result.compile_s is not None:
     first += f" (+{report.fmt(result.compile_s)} compile)"
@@ -176,11 +179,14 @@ def _train_note(label: str, results: list[training.StepResult]) -> str:
   jax_result = results[0]
   facts = [f"XLA temporaries {jax_result.temp_bytes / 2**30:.2f} GiB"
            if jax_result.temp_bytes is not None else "no XLA memory estimate"]
-  if len(results) > 1:
-    best = min(results[1:], key=lambda r: r.median_s)
+  jax_results = [r for r in results if r.framework.startswith("JAX")]
+  torch_results = [r for r in results if not r.framework.startswith("JAX")]
+  if torch_results:
+    best = min(torch_results, key=lambda r: r.median_s)
     facts.append(f"{jax_result.params:,} parameters and output shapes "
-                 f"{jax_result.output_shapes} equal in both frameworks; JAX / fastest "
-                 f"PyTorch ({best.framework}) = {jax_result.median_s / best.median_s:.2f}")
+                 f"{jax_result.output_shapes} equal in both frameworks; " + "; ".join(
+                     f"{r.framework} / fastest PyTorch ({best.framework}) = "
+                     f"{r.median_s / best.median_s:.2f}" for r in jax_results))
   return f"{label}: " + "; ".join(facts)
 
 
@@ -259,6 +265,12 @@ class Suite:
       del step
       print(f"[train] {label}: JAX {jax_result.median_s:.3f} s/step", flush=True)
       results = [jax_result]
+      if cpu and jax.device_count() > 1:
+        split = training.JaxStep(config, batch, num_devices=jax.device_count())
+        results.append(split.timed(self.args.repeats))
+        del split
+        print(f"[train] {label}: {results[-1].framework} {results[-1].median_s:.3f} s/step",
+              flush=True)
       variants = [(f, n) for f in self.args.torch_formats for n in self.args.torch_threads]
       for memory_format, threads in variants if self.torch_device else ():
         torch_result = training.time_torch_step(config, batch, memory_format,
@@ -336,6 +348,7 @@ class Suite:
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the suite; returns the exit code."""
   args = parse_args(argv)
+  host_devices.use_cpu_devices(args.cpu_devices)
   start_load = load_average()
   suite = Suite(args, argv)
   suite.report.preamble.append(_load_line("start", start_load))

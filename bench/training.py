@@ -3,9 +3,10 @@
 Both sides train the same net (``wmh_jax.models`` GP-Unet for 'weak', U-Net
 for 'strong') on the same synthetic batch: forward + backward + Adadelta,
 batch 4. The JAX step is ``wmh_jax.train.make_train_step`` (jit of
-shard_map, state donated) on a one-device mesh, so the figures are per chip;
-it is compiled ahead of time, which also yields XLA's FLOP count and memory
-estimate. PyTorch (``bench.torch_reference``, imported only when asked for)
+shard_map, state donated) on a one-device mesh, so the figures are per chip
+(on a CPU host split into several devices by ``wmh_jax.host_devices``, also
+data-parallel over all of them); it is compiled ahead of time, which also
+yields XLA's FLOP count and memory estimate. PyTorch (``bench.torch_reference``, imported only when asked for)
 runs eagerly, by default with ``torch.set_num_threads(os.cpu_count())``, on
 CUDA when available.
 """
@@ -169,13 +170,16 @@ class JaxStep:
   """The project's compiled train step of one config, ready to time.
 
   Building it initialises the state and compiles the step; :meth:`time`
-  then runs it. ``temp_bytes`` is known before anything runs, so a caller
+  then runs it. ``num_devices``: the mesh size (the first devices). ``temp_bytes`` is known before anything runs, so a caller
   can skip a step that would not fit in memory.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, batch: dict[str, np.ndarray]):
+  def __init__(self, config: ml_collections.ConfigDict, batch: dict[str, np.ndarray],
+               num_devices: int = 1):
     self.config = config
-    self.mesh = jax.make_mesh((1,), (sharding.DATA_AXIS,), devices=jax.devices()[:1])
+    self.framework = "JAX" if num_devices == 1 else f"JAX ({num_devices} devices)"
+    self.mesh = jax.make_mesh((num_devices,), (sharding.DATA_AXIS,),
+                              devices=jax.devices()[:num_devices])
     self.model = models.build_model(config.model, axis_name=sharding.DATA_AXIS)
     optimizer = train.make_optimizer(config.train, total_steps=BENCH_SCHEDULE_STEPS)
     self.state = train.make_init(self.model, optimizer, self.mesh, grid(config))(config.seed)
@@ -189,7 +193,8 @@ class JaxStep:
     start = time.perf_counter()
     self.compiled = step.lower(self.state, self.batch).compile()
     self.compile_s = time.perf_counter() - start
-    self.flops = _cost_flops(self.compiled)
+    flops = _cost_flops(self.compiled)  # of one device's shard of the step
+    self.flops = flops * num_devices if flops else None
     memory = self.compiled.memory_analysis()
     self.temp_bytes = int(memory.temp_size_in_bytes) if memory is not None else None
 
@@ -200,7 +205,7 @@ class JaxStep:
   def timed(self, repeats: int) -> StepResult:
     """Warm-up step + ``repeats`` timed steps."""
     warmup, times = report.measure(self._run, repeats)
-    return StepResult(framework="JAX", kind=self.config.model.kind, shape=grid(self.config),
+    return StepResult(framework=self.framework, kind=self.config.model.kind, shape=grid(self.config),
                       base_filters=int(self.config.model.base_filters), params=self.params,
                       output_shapes=self.output_shapes, warmup_s=warmup, times_s=times,
                       compile_s=self.compile_s, flops=self.flops, temp_bytes=self.temp_bytes)

@@ -89,6 +89,30 @@ def test_joint_outputs_and_attention_identity():
   assert float(out["seg_logits"].std()) > 1e-3
 
 
+def test_feature_stack_mean_and_projection_match_the_materialised_map():
+  keys = jax.random.split(jax.random.key(5), 4)
+  coarse = jax.random.normal(keys[0], (2, 2, 3, 2, 5))
+  skip = jax.random.normal(keys[1], (2, 4, 6, 4, 3))
+  block = jax.random.normal(keys[2], (2, 4, 6, 4, 2))
+  stack = models.FeatureStack(((coarse, 2), (skip, 1), (block, 1)))
+  full = stack.materialize()
+  assert full.shape == (2, 4, 6, 4, 10) and stack.channels == 10
+  # Channel order and nearest upsampling: exact copies.
+  np.testing.assert_array_equal(full[:, 1::2, ::2, 1::2, :5], coarse)
+  np.testing.assert_array_equal(full[..., 5:8], skip)
+  weights = jax.random.normal(keys[3], (10,))
+  # A 10-term dot product per voxel, both sides float32.
+  assert_close_to_abs_sum(stack.project(weights), full @ weights, jnp.abs(full) @ jnp.abs(weights),
+                          float32_rtol(10, ops=1, sides=2))
+  # A mean over 96 voxels (the coarse part: over 12, then exact copies), both sides float32.
+  assert_close_to_abs_sum(stack.mean(), full.mean(axis=(1, 2, 3)),
+                          jnp.abs(full).mean(axis=(1, 2, 3)), float32_rtol(96, ops=1, sides=2))
+  one = models.FeatureStack.of(skip)
+  assert one.parts == ((skip, 1),) and models.FeatureStack.of(stack) is stack
+  with pytest.raises(ValueError, match="factor 1 or 2"):
+    models.FeatureStack(((skip, 4),)).project(weights[:3])
+
+
 def test_volume_bias_init():
   head = models.VolumeHead(pool_scale=2.0, volume_bias_init=0.3)
   features = _image((2, 2, 2, 2, 3))

@@ -24,7 +24,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from wmh_jax import cli
+from wmh_jax import cli, host_devices
 from wmh_jax.errors import WMHError
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -66,6 +66,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.start_from_flags()
+  host_devices.use_cpu_devices_from_flags()
   initialize_distributed()
   from wmh_jax import train  # pylint: disable=import-outside-toplevel
   config = FLAGS.config

@@ -31,7 +31,7 @@ from pathlib import Path
 import ml_collections
 from absl import app, flags
 
-from wmh_jax import analysis, checkpoint, cli, configs, fileio, train
+from wmh_jax import analysis, checkpoint, cli, configs, fileio, host_devices, train
 from wmh_jax.errors import CheckpointError, WMHError
 
 DATA_OVERRIDES = ("manifest", "external_manifests", "cohort_dir", "cache_dir")
@@ -231,6 +231,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.start_from_flags()
+  host_devices.use_cpu_devices_from_flags()
   try:
     code = run_study(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.out)
   except WMHError as err:
