@@ -113,6 +113,32 @@ def test_feature_stack_mean_and_projection_match_the_materialised_map():
     models.FeatureStack(((skip, 4),)).project(weights[:3])
 
 
+class _DenseSegHead(nn.Module):
+  """The segmentation head as it was before `VoxelDense`: nn.Dense(1) on the full map."""
+
+  @nn.compact
+  def __call__(self, features):
+    dense = nn.Dense(1, bias_init=nn.initializers.constant(-1.0), name="dense")
+    return dense(features)[..., 0]
+
+
+def test_seg_head_has_nn_dense_parameters_and_outputs():
+  features = _image((2, 2, 2, 2, 5))
+  key = jax.random.key(4)
+  head = models.SegHead(bias_init=-1.0)
+  params = head.init(key, features)
+  reference = _DenseSegHead().init(key, features)
+  # Same names, shapes and initial values: checkpoints of either load in the other.
+  assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(reference)
+  for got, want in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(reference)):
+    np.testing.assert_array_equal(got, want)
+  kernel = params["params"]["dense"]["kernel"][:, 0]
+  # A 5-term dot product plus the bias per voxel, both sides float32.
+  assert_close_to_abs_sum(head.apply(params, features), _DenseSegHead().apply(params, features),
+                          jnp.abs(features) @ jnp.abs(kernel) + 1.0,
+                          float32_rtol(5, ops=2, sides=2))
+
+
 def test_volume_bias_init():
   head = models.VolumeHead(pool_scale=2.0, volume_bias_init=0.3)
   features = _image((2, 2, 2, 2, 3))
