@@ -166,11 +166,11 @@ def profile_step(step: training.JaxStep, repeats: int) -> list[OpTime]:
   Two untimed steps run first; then ``repeats`` steps run under the profiler.
   """
   for _ in range(2):
-    step._run()  # pylint: disable=protected-access
+    step.run()
   with tempfile.TemporaryDirectory() as trace_dir:
     jax.profiler.start_trace(trace_dir)
     for _ in range(repeats):
-      step._run()  # pylint: disable=protected-access
+      step.run()
     jax.profiler.stop_trace()
     traces = sorted(Path(trace_dir).rglob("*.xplane.pb"))
     if not traces:

@@ -198,13 +198,14 @@ class JaxStep:
     memory = self.compiled.memory_analysis()
     self.temp_bytes = int(memory.temp_size_in_bytes) if memory is not None else None
 
-  def _run(self) -> None:
+  def run(self) -> None:
+    """One step: the state advances; returns when its results are ready."""
     self.state, metrics = self.compiled(self.state, self.batch)
     jax.block_until_ready((self.state, metrics))
 
   def timed(self, repeats: int) -> StepResult:
     """Warm-up step + ``repeats`` timed steps."""
-    warmup, times = report.measure(self._run, repeats)
+    warmup, times = report.measure(self.run, repeats)
     return StepResult(framework=self.framework, kind=self.config.model.kind, shape=grid(self.config),
                       base_filters=int(self.config.model.base_filters), params=self.params,
                       output_shapes=self.output_shapes, warmup_s=warmup, times_s=times,
