@@ -92,7 +92,8 @@ def fit(kind: str, flags: str = "") -> dict[str, float]:
   mesh = jax.make_mesh((1,), (sharding.DATA_AXIS,), devices=jax.devices()[:1])
   records = [{"wmh_volume_ml": float(v), "has_mask": 1.0} for v in task["volume_ml"]]
   model = models.build_model(config.model, **train.head_inits(config, records),
-                             axis_name=sharding.DATA_AXIS)
+                             voxel_target=float(np.prod(SPACING_MM)) / 1000.0
+                             / config.data.volume_scale_ml, axis_name=sharding.DATA_AXIS)
   optimizer = train.make_optimizer(config.train, steps)
   state = train.make_init(model, optimizer, mesh, SHAPE)(0)
   step = train.make_train_step(model, config, optimizer, mesh)

@@ -35,6 +35,8 @@ PAPER_RECIPE = {
     "train.learning_rate": 1.0,
     "train.warmup_steps": 0,
     "train.schedule": "constant",
+    "model.volume_head": "gap",            # paper §2.2: global average pool + Dense
+    "train.head_lr_multiplier": 1.0,       # paper: one learning rate
 }
 
 
@@ -62,6 +64,10 @@ def get_config(arg: str | None = None, recipe: dict | None = None) -> ml_collect
   config.model.zero_init_volume_head = True  # Dense kernel init 0 (bias = mean target)
   config.model.seg_prior_init = True   # seg bias = logit(training lesion fraction)
   config.model.num_severity_classes = 5
+  # Volume head of weak and joint: "gap" (paper §2.2: global average pool + Dense) or
+  # "count" (voxel lesion fractions summed over the brain, models.CountHead).
+  config.model.volume_head = "gap"
+  config.model.count_hidden = 16       # count head: hidden 1x1x1 channels (0: none)
 
   # ---- data ----------------------------------------------------------------
   config.data = ml_collections.ConfigDict()
@@ -124,6 +130,7 @@ def get_config(arg: str | None = None, recipe: dict | None = None) -> ml_collect
   config.train.rho = 0.95
   config.train.eps = 1e-7
   config.train.warmup_steps = 20       # linear warm-up from 0
+  config.train.head_lr_multiplier = 1.0  # learning rate of the volume head's params / body's
   config.train.schedule = "cosine"     # constant | cosine (to 0 at the last step)
   config.train.joint_dice_weight = 1.0  # joint: MSE + weight * segmentation loss
   config.train.log_every_steps = 10    # steps between metric fetches (the host-device syncs)

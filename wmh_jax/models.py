@@ -42,6 +42,7 @@ from wmh_jax import conv
 KINDS = ("weak", "strong", "joint", "severity")
 NORMS = ("none", "group", "instance")
 POOLED_NORMS = ("none", "running")
+VOLUME_HEADS = ("gap", "count")
 GROUP_NORM_GROUPS = 4
 
 
@@ -89,14 +90,15 @@ class FeatureStack(NamedTuple):
     return jnp.concatenate([part.mean(axis=(1, 2, 3)) for part, _ in self.parts], axis=-1)
 
   def project(self, weights: jax.Array) -> jax.Array:
-    """The stacked map's dot product with ``weights`` (C,): (b, x, y, z)."""
+    """The stacked map's product with ``weights``: (C,) -> (b, x, y, z); (C, K) -> (b, x, y, z, K)."""
     total, start = None, 0
     for part, factor in self.parts:
       channels = part.shape[-1]
       projected = part @ weights[start:start + channels]
       start += channels
       if factor == 2:
-        projected = conv.upsample_2x(projected[..., None])[..., 0]
+        projected = (conv.upsample_2x(projected[..., None])[..., 0] if weights.ndim == 1
+                     else conv.upsample_2x(projected))
       elif factor != 1:
         raise ValueError(f"FeatureStack parts must have factor 1 or 2, got {factor}")
       total = projected if total is None else total + projected
@@ -322,6 +324,50 @@ class VolumeHead(nn.Module):
     return {"volume": volume, "attention": attention}
 
 
+class CountHead(nn.Module):
+  """Count head: a voxel lesion fraction, summed over the brain (density counting).
+
+  Per voxel, a hidden 1x1x1 layer (``hidden`` channels, ReLU; none when 0)
+  and a 1x1x1 output map the features F to a logit z. The voxel's lesion
+  fraction is sigmoid(z) inside the brain and 0 outside; the brain is the
+  image's nonzero voxels (preprocessing sets everything outside it to 0).
+  With u = voxel_ml / volume_scale_ml, the target units of one voxel full of
+  lesion:
+    attention = u * sigmoid(z) * brain             (b, x, y, z), >= 0
+    volume    = attention.sum(axis=(1, 2, 3))      (b,)
+  The attention map is a non-negative density that sums to the volume, the
+  readout of density-map counting (Lempitsky & Zisserman 2010): the label is
+  a sum over voxels, and so is the prediction. Through the sigmoid, the
+  gradient reaching a voxel is largest where its fraction is uncertain, as in
+  a segmenter's loss, instead of the same at every voxel as through a global
+  average.
+
+  Attributes:
+    voxel_target: u, target units per voxel (> 0).
+    hidden: hidden channels; 0 = one 1x1x1 convolution.
+    prior_logit: initial output bias, the logit of the mean training lesion
+      fraction of brain voxels (a prior-probability start).
+  """
+  voxel_target: float
+  hidden: int = 16
+  prior_logit: float = 0.0
+
+  @nn.compact
+  def __call__(self, features: jax.Array | FeatureStack, image: jax.Array
+               ) -> dict[str, jax.Array]:
+    """F (b, x, y, z, C), image (b, x, y, z, 1) -> {'volume': (b,), 'attention': (b, x, y, z)}."""
+    features = FeatureStack.of(features)
+    if self.hidden > 0:
+      kernel = self.param("hidden_kernel", nn.initializers.lecun_normal(),
+                          (features.channels, self.hidden), jnp.float32)
+      bias = self.param("hidden_bias", nn.initializers.zeros, (self.hidden,), jnp.float32)
+      features = FeatureStack.of(nn.relu(features.project(kernel) + bias))
+    logits = VoxelDense(self.prior_logit, name="dense")(features)
+    brain = (image[..., 0] > 0).astype(logits.dtype)
+    attention = self.voxel_target * jax.nn.sigmoid(logits) * brain
+    return {"volume": attention.sum(axis=(1, 2, 3)), "attention": attention}
+
+
 class VoxelDense(nn.Module):
   """``nn.Dense(1)`` applied voxel-wise to a `FeatureStack`, with nn.Dense's parameters.
 
@@ -354,6 +400,18 @@ class SegHead(nn.Module):
     return VoxelDense(self.bias_init, name="dense")(FeatureStack.of(features))
 
 
+def volume_outputs(head: dict, features: FeatureStack, image: jax.Array, train: bool
+                   ) -> dict[str, jax.Array]:
+  """The volume head named by ``head["kind"]`` (`VOLUME_HEADS`), as submodule ``volume_head``.
+
+  Call inside a compact module. ``head`` holds ``kind`` and the head's fields.
+  """
+  fields = {k: v for k, v in head.items() if k != "kind"}
+  if head["kind"] == "count":
+    return CountHead(**fields, name="volume_head")(features, image)
+  return VolumeHead(**fields, name="volume_head")(features, train)
+
+
 class GPUNet(nn.Module):
   """Weak-label regression network (GP-Unet): outputs `volume`, `attention`."""
   body: dict
@@ -366,7 +424,7 @@ class GPUNet(nn.Module):
     `train` updates the pooled-feature statistics (`pooled_norm="running"`).
     """
     features = UNetBody(**self.body, name="body")(image)
-    return VolumeHead(**self.head, name="volume_head")(features, train)
+    return volume_outputs(self.head, features, image, train)
 
 
 class UNetSegmenter(nn.Module):
@@ -392,7 +450,7 @@ class JointNet(nn.Module):
   def __call__(self, image: jax.Array, train: bool = False) -> dict[str, jax.Array]:
     """image (b, x, y, z, 1) -> volume (b,), attention, seg_logits (b, x, y, z)."""
     features = UNetBody(**self.body, name="body")(image)
-    out = VolumeHead(**self.head, name="volume_head")(features, train)
+    out = volume_outputs(self.head, features, image, train)
     out["seg_logits"] = SegHead(self.seg_bias_init, name="seg_head")(features)
     return out
 
@@ -411,6 +469,11 @@ class SeverityNet(nn.Module):
     return {"severity_logits": nn.Dense(self.num_classes, name="severity_head")(pooled)}
 
 
+def volume_head(model_config: ml_collections.ConfigDict) -> str:
+  """The configured volume head (`VOLUME_HEADS`); "gap" for configs written before it existed."""
+  return model_config.get("volume_head", "gap")
+
+
 def _check(model_config: ml_collections.ConfigDict) -> None:
   conv.check_impl(model_config.conv_impl)
   if model_config.depth < 0 or model_config.base_filters < 1:
@@ -418,23 +481,33 @@ def _check(model_config: ml_collections.ConfigDict) -> None:
                      f"{model_config.depth} and {model_config.base_filters}")
   if model_config.norm not in NORMS:
     raise ValueError(f"model.norm={model_config.norm!r}; expected one of {NORMS}")
+  if volume_head(model_config) not in VOLUME_HEADS:
+    raise ValueError(f"model.volume_head={volume_head(model_config)!r}; "
+                     f"expected one of {VOLUME_HEADS}")
+  if model_config.get("count_hidden", 0) < 0:
+    raise ValueError(f"model.count_hidden must be >= 0, got {model_config.count_hidden}")
   if model_config.pooled_norm not in POOLED_NORMS:
     raise ValueError(f"model.pooled_norm={model_config.pooled_norm!r}; "
                      f"expected one of {POOLED_NORMS}")
 
 
-def build_model(model_config: ml_collections.ConfigDict, *,
+def build_model(model_config: ml_collections.ConfigDict, *, voxel_target: float | None = None,
                 volume_bias_init: float = 0.0, seg_bias_init: float = 0.0,
-                axis_name: str | None = None) -> nn.Module:
+                count_prior_logit: float = 0.0, axis_name: str | None = None) -> nn.Module:
   """The model named by `model_config.kind` (one of `KINDS`).
 
   Args:
     model_config: `config.model` (kind, base_filters, depth, conv_impl, norm,
       pool_scale, pooled_norm, pooled_norm_momentum, zero_init_volume_head,
-      num_severity_classes).
+      num_severity_classes, volume_head, count_hidden).
+    voxel_target: one model-grid voxel in target units, voxel_ml /
+      volume_scale_ml (`data.records.voxel_target`); required by
+      `volume_head="count"`, which sums voxel fractions times it.
     volume_bias_init: initial volume-head bias in scaled target units (e.g.
       the mean training target); used by the weak and joint models.
     seg_bias_init: initial segmentation logit (strong, joint).
+    count_prior_logit: initial count-head logit (logit of the mean training
+      lesion fraction of brain voxels).
     axis_name: the data-parallel axis the training step maps over; running
       statistics average their batch moments over it (unused at inference).
   """
@@ -444,8 +517,14 @@ def build_model(model_config: ml_collections.ConfigDict, *,
               conv_impl=model_config.conv_impl, norm=model_config.norm)
   pool = dict(pool_scale=model_config.pool_scale, pooled_norm=model_config.pooled_norm,
               momentum=model_config.pooled_norm_momentum, axis_name=axis_name)
-  head = dict(**pool, volume_bias_init=volume_bias_init,
-              zero_init_kernel=model_config.zero_init_volume_head)
+  if volume_head(model_config) == "count":
+    if voxel_target is None or not voxel_target > 0:
+      raise ValueError(f"model.volume_head='count' needs voxel_target > 0, got {voxel_target}")
+    head = dict(kind="count", voxel_target=voxel_target, hidden=model_config.count_hidden,
+                prior_logit=count_prior_logit)
+  else:
+    head = dict(kind="gap", **pool, volume_bias_init=volume_bias_init,
+                zero_init_kernel=model_config.zero_init_volume_head)
   if kind == "weak":
     return GPUNet(body, head)
   if kind == "strong":

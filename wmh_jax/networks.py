@@ -102,7 +102,8 @@ def load_networks(paths: Sequence[str | Path], mesh: Mesh, which: str = "best",
         continue
       arch = config.model.to_json(sort_keys=True)
       if arch not in forwards:
-        forwards[arch] = inference.make_forward(models.build_model(config.model), mesh)
+        forwards[arch] = inference.make_forward(
+            models.build_model(config.model, voxel_target=records.voxel_target(config)), mesh)
       loaded.append(Network(
           name=name, group=group, kind=config.model.kind, spec=records.preprocess_spec(config),
           volume_scale_ml=float(config.data.volume_scale_ml), voxel_ml=records.voxel_ml(config),

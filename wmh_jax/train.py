@@ -42,7 +42,8 @@ def make_optimizer(train_config: ml_collections.ConfigDict,
   (``schedule="constant"``) or follows a cosine to 0 at ``total_steps``
   (``"cosine"``, which needs ``total_steps``). optax's ``adadelta`` default
   ``learning_rate=None`` climbs the loss, so the rate is always passed
-  explicitly.
+  explicitly. ``head_lr_multiplier`` scales the updates of the volume head's
+  parameters (with Adam, the same as scaling their learning rate).
   """
   rate, warmup = train_config.learning_rate, train_config.warmup_steps
   if train_config.schedule == "cosine":
@@ -54,10 +55,21 @@ def make_optimizer(train_config: ml_collections.ConfigDict,
   else:
     raise ValueError(f"unknown train.schedule {train_config.schedule!r}; use constant or cosine")
   if train_config.optimizer == "adadelta":
-    return optax.adadelta(learning_rate=schedule, rho=train_config.rho, eps=train_config.eps)
-  if train_config.optimizer == "adam":
-    return optax.adam(learning_rate=schedule)
-  raise ValueError(f"unknown optimizer {train_config.optimizer!r}; use adadelta or adam")
+    base = optax.adadelta(learning_rate=schedule, rho=train_config.rho, eps=train_config.eps)
+  elif train_config.optimizer == "adam":
+    base = optax.adam(learning_rate=schedule)
+  else:
+    raise ValueError(f"unknown optimizer {train_config.optimizer!r}; use adadelta or adam")
+  multiplier = float(train_config.get("head_lr_multiplier", 1.0))
+  if multiplier == 1.0:
+    return base
+  return optax.chain(base, optax.masked(optax.scale(multiplier), volume_head_mask))
+
+
+def volume_head_mask(params: dict) -> dict:
+  """A pytree of bools over ``params``: True for the leaves of the ``volume_head`` module."""
+  return {name: jax.tree.map(lambda _, head=name == "volume_head": head, subtree)
+          for name, subtree in params.items()}
 
 
 def make_init(model, optimizer: optax.GradientTransformation, mesh: Mesh,
@@ -125,26 +137,45 @@ def make_train_step(model, config: ml_collections.ConfigDict,
                                 out_specs=(P(), P()), donate_argnums=(0,))
 
 
-def head_inits(config: ml_collections.ConfigDict, train_records: list[dict]) -> dict[str, float]:
+def head_inits(config: ml_collections.ConfigDict, train_records: list[dict],
+               brain_voxels: float | None = None) -> dict[str, float]:
   """Data-dependent head initialisations from the training labels.
+
+  ``brain_voxels`` is the mean brain size of the training scans on the model
+  grid (:func:`mean_brain_voxels`); None takes the whole grid.
 
   Returns:
     ``volume_bias_init``: the mean training target (scaled units), so the
     volume head starts at the mean; ``seg_bias_init``: with
     ``model.seg_prior_init``, the logit of the mean lesion fraction of the
     training scans with masks on the model grid (a prior-probability start,
-    Lin et al. 2017), else 0 (p = 0.5, the paper).
+    Lin et al. 2017), else 0 (p = 0.5, the paper); ``count_prior_logit``:
+    with ``model.volume_head="count"``, the logit of the mean training
+    lesion fraction of brain voxels, else 0.
   """
   volumes = np.array([r["wmh_volume_ml"] for r in train_records], np.float64)
   inits = {"volume_bias_init": float(volumes.mean() / config.data.volume_scale_ml),
-           "seg_bias_init": 0.0}
+           "seg_bias_init": 0.0, "count_prior_logit": 0.0}
+  voxels = np.prod([int(s) for s in config.data.shape])
+  if models.volume_head(config.model) == "count":
+    inits["count_prior_logit"] = _logit(volumes.mean() / records_lib.voxel_ml(config)
+                                        / max(brain_voxels or voxels, 1.0))
   masked = np.array([bool(r["has_mask"]) for r in train_records])
   if config.model.seg_prior_init and masked.any():
-    voxels = np.prod([int(s) for s in config.data.shape])
-    fraction = volumes[masked].mean() / records_lib.voxel_ml(config) / voxels
-    fraction = float(np.clip(fraction, 1e-6, 0.5))
-    inits["seg_bias_init"] = float(np.log(fraction / (1.0 - fraction)))
+    inits["seg_bias_init"] = _logit(volumes[masked].mean() / records_lib.voxel_ml(config)
+                                    / voxels)
   return inits
+
+
+def mean_brain_voxels(records: list[dict]) -> float:
+  """Mean brain voxel count of cached records on their model grid."""
+  return float(np.mean([pipeline.load_record(r)["brain"].sum() for r in records]))
+
+
+def _logit(fraction: float) -> float:
+  """log(f / (1 - f)) of ``fraction`` clipped to [1e-6, 0.5]."""
+  fraction = float(np.clip(fraction, 1e-6, 0.5))
+  return float(np.log(fraction / (1.0 - fraction)))
 
 
 def validation_metrics(kind: str, predictions: dict[str, np.ndarray],
@@ -199,7 +230,8 @@ def programs_for(config: ml_collections.ConfigDict, inits: dict[str, float], mes
                     "devices": [int(d.id) for d in mesh.devices.flat]}, sort_keys=True)
   if key not in _PROGRAMS:
     _PROGRAMS.clear()
-    model = models.build_model(config.model, **inits, axis_name=sharding.DATA_AXIS)
+    model = models.build_model(config.model, **inits, voxel_target=records_lib.voxel_target(config),
+                               axis_name=sharding.DATA_AXIS)
     optimizer = make_optimizer(config.train, total_steps)
     shape = tuple(int(s) for s in config.data.shape)
     _PROGRAMS[key] = Programs(model, optimizer, make_init(model, optimizer, mesh, shape),
@@ -268,7 +300,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[State, 
   if steps_per_epoch == 0:
     raise TrainingError(None, f"{len(train_records)} training scans < batch size {batch_size}")
   total_steps = steps_per_epoch * config.train.num_epochs
-  programs = programs_for(config, head_inits(config, train_records), mesh, total_steps)
+  brain_voxels = (mean_brain_voxels(train_records)
+                  if models.volume_head(config.model) == "count" else None)
+  programs = programs_for(config, head_inits(config, train_records, brain_voxels), mesh,
+                          total_steps)
   data_iter = DevicePrefetch(
       pipeline.make_train_iterator(
           train_records, config, seed=config.seed, process_index=jax.process_index(),

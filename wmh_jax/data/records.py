@@ -40,6 +40,11 @@ def voxel_ml(config: ml_collections.ConfigDict) -> float:
   return x * y * z / 1000.0
 
 
+def voxel_target(config: ml_collections.ConfigDict) -> float:
+  """One model-grid voxel in regression-target units: voxel_ml / volume_scale_ml."""
+  return voxel_ml(config) / float(config.data.volume_scale_ml)
+
+
 def cohort_manifests(config: ml_collections.ConfigDict,
                      domains: list[str] | None = None) -> dict[str, Path]:
   """Generates (or reuses) the built-in synthetic cohort; domain → manifest."""
