@@ -309,7 +309,7 @@ class VolumeHead(nn.Module):
   @nn.compact
   def __call__(self, features: jax.Array | FeatureStack, train: bool = False
                ) -> dict[str, jax.Array]:
-    """F (b, x, y, z, C) -> {'volume': (b,), 'attention': (b, x, y, z)}."""
+    """F (b, x, y, z, C) -> volume (b,), attention (b, x, y, z), pooled (b, C) (the Dense input)."""
     features = FeatureStack.of(features)
     pooled, scale, offset = PooledFeatures(self.pool_scale, self.pooled_norm, self.momentum,
                                            self.axis_name, name="pool")(features, train)
@@ -321,51 +321,65 @@ class VolumeHead(nn.Module):
     volume = dense(pooled)[:, 0]
     weights = dense.variables["params"]["kernel"][:, 0]
     attention = features.project(scale * weights) + offset @ weights
-    return {"volume": volume, "attention": attention}
+    return {"volume": volume, "attention": attention, "pooled": pooled}
 
 
 class CountHead(nn.Module):
-  """Count head: a voxel lesion fraction, summed over the brain (density counting).
+  """Count head: voxel features summed over the brain (in volume units), then Dense(1).
 
-  Per voxel, a hidden 1x1x1 layer (``hidden`` channels, ReLU; none when 0)
-  and a 1x1x1 output map the features F to a logit z. The voxel's lesion
-  fraction is sigmoid(z) inside the brain and 0 outside; the brain is the
-  image's nonzero voxels (preprocessing sets everything outside it to 0).
-  With u = voxel_ml / volume_scale_ml, the target units of one voxel full of
-  lesion:
-    attention = u * sigmoid(z) * brain             (b, x, y, z), >= 0
-    volume    = attention.sum(axis=(1, 2, 3))      (b,)
-  The attention map is a non-negative density that sums to the volume, the
-  readout of density-map counting (Lempitsky & Zisserman 2010): the label is
-  a sum over voxels, and so is the prediction. Through the sigmoid, the
-  gradient reaching a voxel is largest where its fraction is uncertain, as in
-  a segmenter's loss, instead of the same at every voxel as through a global
-  average.
+  The label is a sum over voxels, so the readout is one too (density-map
+  counting, Lempitsky & Zisserman 2010). Per voxel, a hidden 1x1x1 layer
+  maps the body's features F to ``hidden`` ReLU features h (b, x, y, z, K).
+  Their sums over the brain (the image's nonzero voxels: preprocessing sets
+  everything outside it to 0), times u = voxel_ml / volume_scale_ml, are
+  volumes in target units, S (b, K). A global average (`VolumeHead`) gives
+  fractions instead, and a lesion volume is a fraction times the brain
+  volume: not a linear function of fractions. S goes through the same
+  running standardisation and zero-initialised Dense(1) as the GP head,
+  which keeps the Dense layer well conditioned (``pooled_norm="running"``).
+  With g = (S - m) * inv_std the standardised sums, W (K,), bias:
+    volume    = g . W + bias                                    (b,)
+    attention = brain * (u * h . (inv_std * W) + c / n_brain)   (b, x, y, z)
+  where c = bias - (m * inv_std) . W and n_brain is the scan's brain voxel
+  count, so ``attention.sum(axis=(1, 2, 3)) == volume`` (up to rounding):
+  each brain voxel holds its share of the volume. Like the paper's attention
+  map it is signed. ``pooled`` is g, the Dense layer's input, for a
+  closed-form refit of the Dense layer (`wmh_jax.refit`).
 
   Attributes:
     voxel_target: u, target units per voxel (> 0).
-    hidden: hidden channels; 0 = one 1x1x1 convolution.
-    prior_logit: initial output bias, the logit of the mean training lesion
-      fraction of brain voxels (a prior-probability start).
+    hidden: hidden channels K (>= 1).
+    momentum, axis_name: `RunningStandardize`.
+    volume_bias_init: initial bias, scaled target units.
   """
   voxel_target: float
   hidden: int = 16
-  prior_logit: float = 0.0
+  momentum: float = 0.99
+  axis_name: str | None = None
+  volume_bias_init: float = 0.0
 
   @nn.compact
-  def __call__(self, features: jax.Array | FeatureStack, image: jax.Array
+  def __call__(self, features: jax.Array | FeatureStack, image: jax.Array, train: bool = False
                ) -> dict[str, jax.Array]:
-    """F (b, x, y, z, C), image (b, x, y, z, 1) -> {'volume': (b,), 'attention': (b, x, y, z)}."""
+    """F (b, x, y, z, C), image (b, x, y, z, 1) -> volume (b,), attention (b, x, y, z), pooled (b, K)."""
     features = FeatureStack.of(features)
-    if self.hidden > 0:
-      kernel = self.param("hidden_kernel", nn.initializers.lecun_normal(),
-                          (features.channels, self.hidden), jnp.float32)
-      bias = self.param("hidden_bias", nn.initializers.zeros, (self.hidden,), jnp.float32)
-      features = FeatureStack.of(nn.relu(features.project(kernel) + bias))
-    logits = VoxelDense(self.prior_logit, name="dense")(features)
-    brain = (image[..., 0] > 0).astype(logits.dtype)
-    attention = self.voxel_target * jax.nn.sigmoid(logits) * brain
-    return {"volume": attention.sum(axis=(1, 2, 3)), "attention": attention}
+    kernel = self.param("hidden_kernel", nn.initializers.lecun_normal(),
+                        (features.channels, self.hidden), jnp.float32)
+    bias = self.param("hidden_bias", nn.initializers.zeros, (self.hidden,), jnp.float32)
+    brain = (image[..., 0] > 0).astype(jnp.float32)
+    hidden = nn.relu(features.project(kernel) + bias) * brain[..., None]
+    sums = hidden.sum(axis=(1, 2, 3)) * self.voxel_target
+    pooled, mean, inv_std = RunningStandardize(self.momentum, axis_name=self.axis_name,
+                                               name="standardize")(sums, update=train)
+    dense = nn.Dense(1, kernel_init=nn.initializers.zeros,
+                     bias_init=nn.initializers.constant(self.volume_bias_init), name="dense")
+    volume = dense(pooled)[:, 0]
+    weights = dense.variables["params"]["kernel"][:, 0]
+    constant = dense.variables["params"]["bias"][0] - (mean * inv_std) @ weights
+    n_brain = jnp.maximum(brain.sum(axis=(1, 2, 3)), 1.0)
+    attention = (self.voxel_target * hidden @ (inv_std * weights)
+                 + brain * (constant / n_brain)[:, None, None, None])
+    return {"volume": volume, "attention": attention, "pooled": pooled}
 
 
 class VoxelDense(nn.Module):
@@ -408,7 +422,7 @@ def volume_outputs(head: dict, features: FeatureStack, image: jax.Array, train: 
   """
   fields = {k: v for k, v in head.items() if k != "kind"}
   if head["kind"] == "count":
-    return CountHead(**fields, name="volume_head")(features, image)
+    return CountHead(**fields, name="volume_head")(features, image, train)
   return VolumeHead(**fields, name="volume_head")(features, train)
 
 
@@ -484,8 +498,8 @@ def _check(model_config: ml_collections.ConfigDict) -> None:
   if volume_head(model_config) not in VOLUME_HEADS:
     raise ValueError(f"model.volume_head={volume_head(model_config)!r}; "
                      f"expected one of {VOLUME_HEADS}")
-  if model_config.get("count_hidden", 0) < 0:
-    raise ValueError(f"model.count_hidden must be >= 0, got {model_config.count_hidden}")
+  if volume_head(model_config) == "count" and model_config.count_hidden < 1:
+    raise ValueError(f"model.count_hidden must be >= 1, got {model_config.count_hidden}")
   if model_config.pooled_norm not in POOLED_NORMS:
     raise ValueError(f"model.pooled_norm={model_config.pooled_norm!r}; "
                      f"expected one of {POOLED_NORMS}")
@@ -493,7 +507,7 @@ def _check(model_config: ml_collections.ConfigDict) -> None:
 
 def build_model(model_config: ml_collections.ConfigDict, *, voxel_target: float | None = None,
                 volume_bias_init: float = 0.0, seg_bias_init: float = 0.0,
-                count_prior_logit: float = 0.0, axis_name: str | None = None) -> nn.Module:
+                axis_name: str | None = None) -> nn.Module:
   """The model named by `model_config.kind` (one of `KINDS`).
 
   Args:
@@ -506,8 +520,6 @@ def build_model(model_config: ml_collections.ConfigDict, *, voxel_target: float 
     volume_bias_init: initial volume-head bias in scaled target units (e.g.
       the mean training target); used by the weak and joint models.
     seg_bias_init: initial segmentation logit (strong, joint).
-    count_prior_logit: initial count-head logit (logit of the mean training
-      lesion fraction of brain voxels).
     axis_name: the data-parallel axis the training step maps over; running
       statistics average their batch moments over it (unused at inference).
   """
@@ -521,7 +533,8 @@ def build_model(model_config: ml_collections.ConfigDict, *, voxel_target: float 
     if voxel_target is None or not voxel_target > 0:
       raise ValueError(f"model.volume_head='count' needs voxel_target > 0, got {voxel_target}")
     head = dict(kind="count", voxel_target=voxel_target, hidden=model_config.count_hidden,
-                prior_logit=count_prior_logit)
+                momentum=model_config.pooled_norm_momentum, axis_name=axis_name,
+                volume_bias_init=volume_bias_init)
   else:
     head = dict(kind="gap", **pool, volume_bias_init=volume_bias_init,
                 zero_init_kernel=model_config.zero_init_volume_head)

@@ -23,7 +23,7 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from wmh_jax import checkpoint, configs, fileio, inference, losses, models, sharding
+from wmh_jax import checkpoint, configs, fileio, inference, losses, models, refit, sharding
 from wmh_jax.data import pipeline, records as records_lib
 from wmh_jax.errors import CheckpointError, TrainingError
 from wmh_jax.evaluation import metrics as metrics_lib
@@ -137,39 +137,25 @@ def make_train_step(model, config: ml_collections.ConfigDict,
                                 out_specs=(P(), P()), donate_argnums=(0,))
 
 
-def head_inits(config: ml_collections.ConfigDict, train_records: list[dict],
-               brain_voxels: float | None = None) -> dict[str, float]:
+def head_inits(config: ml_collections.ConfigDict, train_records: list[dict]) -> dict[str, float]:
   """Data-dependent head initialisations from the training labels.
-
-  ``brain_voxels`` is the mean brain size of the training scans on the model
-  grid (:func:`mean_brain_voxels`); None takes the whole grid.
 
   Returns:
     ``volume_bias_init``: the mean training target (scaled units), so the
     volume head starts at the mean; ``seg_bias_init``: with
     ``model.seg_prior_init``, the logit of the mean lesion fraction of the
     training scans with masks on the model grid (a prior-probability start,
-    Lin et al. 2017), else 0 (p = 0.5, the paper); ``count_prior_logit``:
-    with ``model.volume_head="count"``, the logit of the mean training
-    lesion fraction of brain voxels, else 0.
+    Lin et al. 2017), else 0 (p = 0.5, the paper).
   """
   volumes = np.array([r["wmh_volume_ml"] for r in train_records], np.float64)
   inits = {"volume_bias_init": float(volumes.mean() / config.data.volume_scale_ml),
-           "seg_bias_init": 0.0, "count_prior_logit": 0.0}
+           "seg_bias_init": 0.0}
   voxels = np.prod([int(s) for s in config.data.shape])
-  if models.volume_head(config.model) == "count":
-    inits["count_prior_logit"] = _logit(volumes.mean() / records_lib.voxel_ml(config)
-                                        / max(brain_voxels or voxels, 1.0))
   masked = np.array([bool(r["has_mask"]) for r in train_records])
   if config.model.seg_prior_init and masked.any():
     inits["seg_bias_init"] = _logit(volumes[masked].mean() / records_lib.voxel_ml(config)
                                     / voxels)
   return inits
-
-
-def mean_brain_voxels(records: list[dict]) -> float:
-  """Mean brain voxel count of cached records on their model grid."""
-  return float(np.mean([pipeline.load_record(r)["brain"].sum() for r in records]))
 
 
 def _logit(fraction: float) -> float:
@@ -249,6 +235,23 @@ def compile_step(programs: Programs, state: State, batch: dict) -> float | None:
   return time.perf_counter() - start
 
 
+def refit_volume_head(programs: Programs, state: State, train_records: list[dict],
+                      config: ml_collections.ConfigDict, mesh: Mesh) -> State:
+  """``state`` with its volume head's Dense layer refitted in closed form (`refit`).
+
+  The pooled features of the unaugmented training scans come from the
+  current network (inference mode); the targets are their volumes in scaled
+  units; ``train.refit_ridge`` is the penalty per scan.
+  """
+  outputs = inference.run_batches(programs.forward, model_variables(state),
+                                  pipeline.eval_batches(train_records, config.train.batch_size),
+                                  mesh, keep_maps=False)
+  target = np.array([r["wmh_volume_ml"] for r in train_records]) / config.data.volume_scale_ml
+  weights, bias = refit.ridge_readout(outputs["pooled"], target, config.train.refit_ridge)
+  params = refit.with_dense(state["params"], weights, bias)
+  return {**state, "params": sharding.replicate(params, mesh)}
+
+
 def _drain(logger: MetricLogger, ckpt: checkpoint.Checkpointer, workdir: Path) -> None:
   """Fetches the pending step metrics, writes them, and stops on a non-finite loss.
 
@@ -300,10 +303,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[State, 
   if steps_per_epoch == 0:
     raise TrainingError(None, f"{len(train_records)} training scans < batch size {batch_size}")
   total_steps = steps_per_epoch * config.train.num_epochs
-  brain_voxels = (mean_brain_voxels(train_records)
-                  if models.volume_head(config.model) == "count" else None)
-  programs = programs_for(config, head_inits(config, train_records, brain_voxels), mesh,
-                          total_steps)
+  programs = programs_for(config, head_inits(config, train_records), mesh, total_steps)
   data_iter = DevicePrefetch(
       pipeline.make_train_iterator(
           train_records, config, seed=config.seed, process_index=jax.process_index(),
@@ -342,6 +342,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[State, 
         save = epoch_end or stop or step + 1 == total_steps
         if save or (step + 1) % log_every == 0:
           _drain(logger, ckpt, workdir)
+        if epoch_end and config.train.refit_head == "epoch":
+          state = refit_volume_head(programs, state, train_records, config, mesh)
         if epoch_end:
           predictions = inference.physical_outputs(
               jax.tree.map(np.asarray, inference.run_batches(
