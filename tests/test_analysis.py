@@ -25,7 +25,7 @@ from wmh_jax.evaluation import scans as scans_lib, tables as tables_lib
 TABLES = ("networks", "datasets", "icc", "icc_mean", "comparison", "baselines", "challenge",
           "confounders", "dice_vs_icc", "severity")
 FIGURES = ("icc_per_dataset", "examples", "scatter", "bland_altman", "learning_curves")
-HISTOGRAM, THRESHOLD = floors.BASELINES["histogram"], floors.BASELINES["threshold"]
+INTENSITY, THRESHOLD = floors.BASELINES["intensity"], floors.BASELINES["threshold"]
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("study_config", REPO / "experiments" / "study.py")
 study_lib_config = importlib.util.module_from_spec(_spec)
@@ -148,11 +148,11 @@ def test_predictions_have_one_row_per_scan_run_and_dataset(study):
   local_test = [r["scan_id"] for r in records.split_records(
       records.load_records(config.data.manifest, config))["test"]]
   external = [r["scan_id"] for r in manifest.read_manifest(study["ext"])]
-  expected = [(run, dataset, scan) for run in ("weak", "strong", HISTOGRAM, THRESHOLD)
+  expected = [(run, dataset, scan) for run in ("weak", "strong", INTENSITY, THRESHOLD)
               for dataset, scans in (("local", local_test), ("ext", external)) for scan in scans]
   assert [(r["run"], r["dataset"], r["scan_id"]) for r in rows] == expected
   assert {r["kind"] for r in rows if r["run"] == "strong"} == {"strong"}
-  assert {(r["kind"], r["seed"]) for r in rows if r["run"] in (HISTOGRAM, THRESHOLD)} == {
+  assert {(r["kind"], r["seed"]) for r in rows if r["run"] in (INTENSITY, THRESHOLD)} == {
       ("baseline", "")}
   rows = [r for r in rows if r["kind"] != "baseline"]
   assert all(r["seed"] == "0" for r in rows)
@@ -168,7 +168,7 @@ def test_icc_and_dice_tables_equal_recomputation_from_csv(study):
   rows = _read(study["out"] / "predictions.csv")
   table = _read(study["out"] / "tables" / "icc.csv")
   assert [(t["run"], t["dataset"]) for t in table] == [
-      (run, dataset) for run in ("weak", "strong", HISTOGRAM, THRESHOLD)
+      (run, dataset) for run in ("weak", "strong", INTENSITY, THRESHOLD)
       for dataset in ("local", "ext")]
   for t in table:
     mine = [r for r in rows if (r["run"], r["seed"], r["dataset"]) == (t["run"], t["seed"],
@@ -197,21 +197,21 @@ def test_baseline_rows_equal_baselines_fitted_on_the_training_split(study):
   rows = _read(study["out"] / "predictions.csv")
   config = study["config"]
   splits = records.split_records(records.load_records(config.data.manifest, config))
-  regression = baselines.HistogramVolumeRegression().fit(splits["train"])
+  regression = baselines.IntensityVolumeRegression().fit(splits["train"])
   threshold = baselines.ThresholdSegmentation().fit(splits["train"])
   assert threshold.threshold is not None and regression.n_train == len(splits["train"])
   for dataset, recs in (("local", splits["test"]),
                         ("ext", records.load_records(study["ext"], config, assign=False))):
     mine = {run: [r for r in rows if (r["run"], r["dataset"]) == (run, dataset)]
-            for run in (HISTOGRAM, THRESHOLD)}
-    np.testing.assert_allclose([_float(r["predicted_ml"]) for r in mine[HISTOGRAM]],
+            for run in (INTENSITY, THRESHOLD)}
+    np.testing.assert_allclose([_float(r["predicted_ml"]) for r in mine[INTENSITY]],
                                regression.predict(recs), rtol=1e-12)
     predicted = list(threshold.predict(recs))
     np.testing.assert_allclose([_float(r["predicted_ml"]) for r in mine[THRESHOLD]],
                                [p.volume_ml for p in predicted], rtol=1e-12)
     np.testing.assert_allclose([_float(r["dice"]) for r in mine[THRESHOLD]],
                                [p.dice for p in predicted], rtol=1e-12)
-    assert all(r["dice"] == "" for r in mine[HISTOGRAM])
+    assert all(r["dice"] == "" for r in mine[INTENSITY])
     assert all(r["challenge_dice"] != "" for r in mine[THRESHOLD])
 
 
@@ -260,7 +260,7 @@ def test_tables_figures_and_report_are_written(study):
   assert [(r["dataset"], r["run"]) for r in floor] == [
       (dataset, run) for dataset in ("local", "ext") for run in ("weak", "strong")]
   for r in floor:
-    for method, run in (("histogram", HISTOGRAM), ("threshold", THRESHOLD)):
+    for method, run in (("intensity", INTENSITY), ("threshold", THRESHOLD)):
       beats = icc[(r["run"], r["dataset"])] > icc[(run, r["dataset"])]
       assert r[f"beats_{method}_icc"] == ("yes" if beats else "no")
     dice = _float(icc_mean[(r["run"], r["dataset"])]["mean_dice"])
@@ -356,17 +356,17 @@ def test_floor_table_and_report_say_which_networks_beat_the_baselines(tmp_path):
             for i in range(10)]
 
   all_rows = (rows("weak", "weak", 0, 0.1, 0.1) + rows("weak", "weak", 1, 0.2, 0.1)
-              + rows("strong", "strong", 0, 20.0, 0.6) + rows(HISTOGRAM, "baseline", None, 2.0,
+              + rows("strong", "strong", 0, 20.0, 0.6) + rows(INTENSITY, "baseline", None, 2.0,
                                                               math.nan)
               + rows(THRESHOLD, "baseline", None, 4.0, 0.3))
   tables = tables_lib.summarise(all_rows, n_boot=20, seed=0)
   assert tables["dice_vs_icc"].rows[0]["networks"] == 3  # 3 seeds; the baselines left out
-  floor = floors.Floor(dict(floors.BASELINES), baselines.HistogramVolumeRegression(),
+  floor = floors.Floor(dict(floors.BASELINES), baselines.IntensityVolumeRegression(),
                          baselines.ThresholdSegmentation(), sets={})
   table = tables_lib.floor_table(tables["icc_mean"], {"weak": floor, "strong": floor})
   icc = {r["run"]: r["icc_2_1"] for r in tables["icc_mean"].rows}
-  assert icc["weak"] > icc[HISTOGRAM] > icc[THRESHOLD] > icc["strong"]
-  assert [(r["run"], r["beats_histogram_icc"], r["beats_threshold_icc"],
+  assert icc["weak"] > icc[INTENSITY] > icc[THRESHOLD] > icc["strong"]
+  assert [(r["run"], r["beats_intensity_icc"], r["beats_threshold_icc"],
            r.get("beats_threshold_dice")) for r in table.rows] == [
       ("weak", "yes", "yes", None), ("strong", "no", "no", "yes")]
   assert table.rows[1]["threshold_dice"] == pytest.approx(0.3)
@@ -409,7 +409,7 @@ def test_analysis_cli_with_datasets_and_seeds(study, tmp_path):
                         "--datasets=ext", "--seeds=0", "--n_boot=10"]) == 0
   rows = _read(tmp_path / "predictions.csv")
   assert {(r["run"], r["seed"], r["dataset"]) for r in rows} == {
-      ("weak", "0", "ext"), (HISTOGRAM, "", "ext"), (THRESHOLD, "", "ext")}
+      ("weak", "0", "ext"), (INTENSITY, "", "ext"), (THRESHOLD, "", "ext")}
   assert len(rows) == 15
 
 

@@ -1,4 +1,4 @@
-"""Non-deep baselines: histogram-feature regression and intensity threshold."""
+"""Non-deep baselines: intensity-feature volume regression and intensity threshold."""
 
 from __future__ import annotations
 
@@ -48,16 +48,18 @@ def _blob_scan(rng: np.random.Generator, tissue_max: float, lesion_min: float
   return np.where(mask, lesion, image), mask
 
 
-def test_histogram_features_of_a_two_level_brain():
+def test_intensity_features_of_a_two_level_brain():
   brain = _brain()
   image = np.where(brain, 0.5, 0.0)
   bright = np.flatnonzero(brain)[:40]
   image.flat[bright] = 1.0
-  features = dict(zip(baselines.FEATURES, baselines.histogram_features(image, brain,
+  features = dict(zip(baselines.FEATURES, baselines.intensity_features(image, brain,
                                                                        SPACING_MM)))
   n = int(brain.sum())
   values = np.where(np.arange(n) < 40, 1.0, 0.5)
-  assert features["fraction_ge_0.6"] == features["fraction_ge_0.999"] == pytest.approx(40 / n)
+  assert features["ml_ge_0.6"] == features["ml_ge_0.999"] == pytest.approx(40 * VOXEL_ML)
+  assert features["ml_ge_0.5"] == pytest.approx(n * VOXEL_ML)
+  assert features["p50"] == 0.5 and features["p99"] == 1.0
   assert features["brain_mean"] == pytest.approx(values.mean())
   assert features["brain_sd"] == pytest.approx(values.std())
   assert features["brain_ml"] == pytest.approx(n * VOXEL_ML)
@@ -67,17 +69,17 @@ def test_regression_recovers_a_linear_relation_of_the_features():
   rng = np.random.default_rng(0)
   weights = rng.normal(size=len(baselines.FEATURES))
   train, test = rng.uniform(0, 1, (40, len(weights))), rng.uniform(0, 1, (5, len(weights)))
-  model = baselines.HistogramVolumeRegression().fit_features(train, 3.0 + train @ weights)
+  model = baselines.IntensityVolumeRegression().fit_features(train, 3.0 + train @ weights)
   np.testing.assert_allclose(model.predict_features(test), 3.0 + test @ weights, rtol=1e-9)
   assert model.n_train == 40
-  shrunk = baselines.HistogramVolumeRegression(ridge=1e9).fit_features(train,
+  shrunk = baselines.IntensityVolumeRegression(ridge=1e9).fit_features(train,
                                                                         3.0 + train @ weights)
   np.testing.assert_allclose(shrunk.predict_features(test), np.mean(3.0 + train @ weights),
                              rtol=1e-4)
 
 
 def test_regression_on_records_predicts_the_bright_volume(tmp_path):
-  """WMH volume = bright (1.0) voxels x voxel volume: linear in fraction_ge_0.9."""
+  """WMH volume = bright (1.0) voxels x voxel volume: linear in ml_ge_0.9."""
   brain = _brain()
 
   def scan(bright: int) -> np.ndarray:
@@ -89,12 +91,12 @@ def test_regression_on_records_predicts_the_bright_volume(tmp_path):
   train = [_record(tmp_path, f"t{k}", scan(k), None, volume_ml=k * VOXEL_ML) for k in counts]
   train.append(_record(tmp_path, "unlabelled", scan(7), None))  # NaN volume: left out
   test = [_record(tmp_path, f"x{k}", scan(k), None) for k in (30, 90)]
-  model = baselines.HistogramVolumeRegression().fit(train)
+  model = baselines.IntensityVolumeRegression().fit(train)
   assert model.n_train == len(counts)
   np.testing.assert_allclose(model.predict(test), [30 * VOXEL_ML, 90 * VOXEL_ML], rtol=1e-6)
-  np.testing.assert_array_equal(baselines.HistogramVolumeRegression().fit(train).predict(test),
+  np.testing.assert_array_equal(baselines.IntensityVolumeRegression().fit(train).predict(test),
                                 model.predict(test))  # deterministic
-  unfitted = baselines.HistogramVolumeRegression().fit(train[-1:])
+  unfitted = baselines.IntensityVolumeRegression().fit(train[-1:])
   assert unfitted.coef is None and np.isnan(unfitted.predict(test)).all()
   assert unfitted.describe().startswith("not fitted")
 

@@ -54,20 +54,31 @@ def _random_params(model: nn.Module, x: jax.Array, seed: int = 0):
   return jax.tree_util.tree_map(fill, shapes)
 
 
+# Channels of the last feature map of the `_model_config` U-Net (f = 2): the
+# upsampled coarse map, the skip (input + down block) and the up block. Depth 1:
+# coarse = skip + 4 = 7. Depth 2: down_1 = 3 + 4 = 7, bottom = 7 + 8 = 15,
+# up_1 = 15 + 7 + 4 = 26 is the coarse map of up_0.
+CHANNELS = {1: 7 + 3 + 2, 2: 26 + 3 + 2}
+
+
 @pytest.mark.parametrize("kind,expected", [
-    ("weak", {"volume": (2,), "attention": (2, 16, 16, 8)}),
+    ("weak", {"volume": (2,), "attention": (2, 16, 16, 8), "pooled": (2, "C")}),
     ("strong", {"seg_logits": (2, 16, 16, 8)}),
-    ("joint", {"volume": (2,), "attention": (2, 16, 16, 8),
+    ("joint", {"volume": (2,), "attention": (2, 16, 16, 8), "pooled": (2, "C"),
                "seg_logits": (2, 16, 16, 8)}),
     ("severity", {"severity_logits": (2, 5)}),
 ])
 @pytest.mark.parametrize("depth", [1, 2])
-def test_output_keys_and_shapes(kind, expected, depth):
-  model = models.build_model(_model_config(kind, depth=depth))
+@pytest.mark.parametrize("head", ["gap", "count"])
+def test_output_keys_and_shapes(kind, expected, depth, head):
+  model = models.build_model(_model_config(kind, depth=depth, volume_head=head),
+                             voxel_target=1e-3)
   x = _image()
   params = jax.eval_shape(model.init, KEY, x)
   out = jax.eval_shape(lambda p: model.apply(p, x, train=True), params)
-  assert {k: v.shape for k, v in out.items()} == expected
+  pooled = CHANNELS[depth] if head == "gap" else configs.get_config().model.count_hidden
+  assert {k: v.shape for k, v in out.items()} == {
+      k: tuple(pooled if n == "C" else n for n in v) for k, v in expected.items()}
   assert all(v.dtype == jnp.float32 for v in out.values())
 
 
@@ -272,6 +283,62 @@ def test_running_pooled_norm_keeps_attention_identity_and_spreads_predictions():
   # of W . z with z of unit variance per channel, not a tiny fraction of it.
   weights = variables["params"]["volume_head"]["dense"]["kernel"][:, 0]
   assert float(out["volume"].std()) > 0.1 * float(jnp.linalg.norm(weights)), out["volume"]
+
+
+def _count_model_outputs(voxel_target: float, x: jax.Array) -> tuple[dict, dict]:
+  """A weak count-head model with random params and trained running statistics, and its outputs."""
+  model = models.build_model(_model_config("weak", volume_head="count", count_hidden=6),
+                             voxel_target=voxel_target)
+  variables = _random_params(model, x)
+  variables["batch_stats"] = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
+  _, updated = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  trained = {**variables, **updated}
+  return trained, jax.jit(model.apply)(trained, x)
+
+
+def test_count_head_attention_is_the_volume_spread_over_the_brain():
+  x = np.array(_image((4, 16, 16, 8, 1)))
+  x[:, :5] = 0.0  # outside the brain
+  x[1, :, :, :4] = 0.0  # a smaller brain
+  variables, out = _count_model_outputs(2e-3, jnp.asarray(x))
+  brain = x[..., 0] > 0
+  assert np.all(np.asarray(out["attention"])[~brain] == 0.0)
+  # attention sums to the volume: u * h . (inv_std W) summed over the brain, plus
+  # the constant spread over the brain voxels (mixed signs: relative to the magnitudes).
+  bias = variables["params"]["volume_head"]["dense"]["bias"][0]
+  assert_close_to_abs_sum(out["attention"].sum(axis=(1, 2, 3)), out["volume"],
+                          jnp.abs(out["attention"]).sum(axis=(1, 2, 3)) + abs(bias),
+                          float32_rtol(VOXELS + 6, ops=12, sides=2))
+  assert float(out["volume"].std()) > 1e-3, out["volume"]
+  assert out["pooled"].shape == (4, 6)
+
+
+def test_count_head_sums_volumes_not_fractions():
+  """The pooled sums are in volume units: a larger voxel gives proportionally larger sums."""
+  model = models.build_model(_model_config("weak", volume_head="count", count_hidden=6),
+                             voxel_target=1e-3)
+  x = _image()
+  variables = _random_params(model, x)
+  variables["batch_stats"] = jax.tree.map(jnp.zeros_like, variables["batch_stats"])  # identity
+  sums = {}
+  for u in (1e-3, 3e-3):
+    model = models.build_model(_model_config("weak", volume_head="count", count_hidden=6),
+                               voxel_target=u)
+    sums[u] = jax.jit(model.apply)(variables, x)["pooled"]  # untrained statistics: identity
+  assert float(jnp.min(sums[1e-3])) >= 0.0 and float(jnp.max(sums[1e-3])) > 0.0
+  # Sums of non-negative terms: the bound is relative to the result itself.
+  np.testing.assert_allclose(sums[3e-3], 3 * sums[1e-3],
+                             rtol=float32_rtol(VOXELS, ops=4, sides=2))
+
+
+def test_count_head_needs_the_voxel_volume():
+  with pytest.raises(ValueError, match="voxel_target"):
+    models.build_model(_model_config("weak", volume_head="count"))
+  with pytest.raises(ValueError, match="count_hidden"):
+    models.build_model(_model_config("weak", volume_head="count", count_hidden=0),
+                       voxel_target=1e-3)
+  with pytest.raises(ValueError, match="volume_head"):
+    models.build_model(_model_config("weak", volume_head="max"), voxel_target=1e-3)
 
 
 @pytest.mark.parametrize("norm", ["group", "instance"])

@@ -132,10 +132,10 @@ def get_config(arg: str | None = None, recipe: dict | None = None) -> ml_collect
   config.train.eps = 1e-7
   config.train.warmup_steps = 20       # linear warm-up from 0
   config.train.head_lr_multiplier = 1.0  # learning rate of the volume head's params / body's
-  # Volume head's Dense layer refitted in closed form (ridge) on the training scans'
-  # pooled features: "none" | "epoch" (at every epoch end, before validation).
+  # Volume head's Dense layer refitted in closed form (ridge, penalty by leave-one-out)
+  # on the training scans' pooled features: "none" | "epoch" (every epoch end,
+  # before validation).
   config.train.refit_head = "none"
-  config.train.refit_ridge = 1e-2      # ridge penalty per training scan (standardised features)
   config.train.schedule = "cosine"     # constant | cosine (to 0 at the last step)
   config.train.joint_dice_weight = 1.0  # joint: MSE + weight * segmentation loss
   config.train.log_every_steps = 10    # steps between metric fetches (the host-device syncs)

@@ -505,6 +505,12 @@ def _check(model_config: ml_collections.ConfigDict) -> None:
                      f"expected one of {POOLED_NORMS}")
 
 
+def body_fields(model_config: ml_collections.ConfigDict) -> dict:
+  """The `UNetBody` attributes of ``config.model``."""
+  return dict(base_filters=model_config.base_filters, depth=model_config.depth,
+              conv_impl=model_config.conv_impl, norm=model_config.norm)
+
+
 def build_model(model_config: ml_collections.ConfigDict, *, voxel_target: float | None = None,
                 volume_bias_init: float = 0.0, seg_bias_init: float = 0.0,
                 axis_name: str | None = None) -> nn.Module:
@@ -525,8 +531,7 @@ def build_model(model_config: ml_collections.ConfigDict, *, voxel_target: float 
   """
   kind = model_config.kind
   _check(model_config)
-  body = dict(base_filters=model_config.base_filters, depth=model_config.depth,
-              conv_impl=model_config.conv_impl, norm=model_config.norm)
+  body = body_fields(model_config)
   pool = dict(pool_scale=model_config.pool_scale, pooled_norm=model_config.pooled_norm,
               momentum=model_config.pooled_norm_momentum, axis_name=axis_name)
   if volume_head(model_config) == "count":

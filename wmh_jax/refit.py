@@ -4,37 +4,62 @@ Both volume heads (`models.VolumeHead`, `models.CountHead`) end in
 ``volume = pooled . W + bias``, with ``pooled`` (b, K) their standardised
 pooled features (a model output). With everything before the Dense layer
 fixed, the best W and bias for the training scans are a ridge least-squares
-fit: a few milliseconds, against the hundreds of noisy Adam steps a Dense
-layer needs to follow a body that is still changing. `train.refit_head`
+fit (:class:`RidgeReadout`, its penalty chosen by leave-one-out error on
+the training scans): milliseconds, against the hundreds of noisy Adam steps
+a Dense layer needs to follow a body that is still changing. `train.refit_head`
 applies it at every epoch end (before validation, so the checkpoint holds the
 refitted head).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 
-def ridge_readout(pooled: np.ndarray, target: np.ndarray, ridge: float
-                  ) -> tuple[np.ndarray, float]:
-  """Ridge least squares ``target ~ pooled . w + b``; the intercept is not penalised.
+# Ridge penalties tried (standardised features); the leave-one-out best is kept.
+RIDGES = tuple(10.0 ** k for k in range(-3, 6))
 
-  Minimises ``|target - pooled w - b|^2 + ridge * n * |w|^2``.
 
-  Args:
-    pooled: (n, K) features (standardised, so one penalty suits every column).
-    target: (n,) regression targets (scaled units).
-    ridge: penalty per scan (>= 0).
+class RidgeReadout:
+  """Ridge least squares on standardised features, penalty chosen by leave-one-out error.
 
-  Returns:
-    w (K,) float32 and b, the intercept.
+  Attributes:
+    ridge: the chosen penalty.
+    mean, scale: (P,) training feature mean and SD (1 where constant).
+    weights: (P,) coefficients of the standardised features; intercept ``offset``.
   """
-  pooled, target = np.asarray(pooled, np.float64), np.asarray(target, np.float64)
-  n, k = pooled.shape
-  centre, offset = pooled.mean(axis=0), target.mean()
-  x = pooled - centre
-  weights = np.linalg.solve(x.T @ x + ridge * n * np.eye(k), x.T @ (target - offset))
-  return weights.astype(np.float32), float(offset - centre @ weights)
+
+  def __init__(self, features: np.ndarray, target: np.ndarray,
+               ridges: Sequence[float] = RIDGES):
+    """Fits on (n, P) ``features`` and (n,) ``target``."""
+    self.mean = features.mean(axis=0)
+    sd = features.std(axis=0)
+    self.scale = np.where(sd > 0, sd, 1.0)
+    x = (features - self.mean) / self.scale
+    self.offset = float(target.mean())
+    y = target - self.offset
+    u, s, vt = np.linalg.svd(x, full_matrices=False)
+    uty = u.T @ y
+    best = None
+    for ridge in ridges:
+      shrink = s ** 2 / (s ** 2 + ridge)
+      fitted = u @ (shrink * uty)
+      leverage = (u ** 2) @ shrink + 1.0 / len(y)  # + the intercept's
+      loo = np.mean(((y - fitted) / (1.0 - leverage)) ** 2)
+      if best is None or loo < best[0]:
+        best = (loo, ridge, vt.T @ (s / (s ** 2 + ridge) * uty))
+    _, self.ridge, self.weights = best
+
+  def predict(self, features: np.ndarray) -> np.ndarray:
+    """(n,) predictions of (n, P) features."""
+    return (features - self.mean) / self.scale @ self.weights + self.offset
+
+  def dense(self) -> tuple[np.ndarray, float]:
+    """The same map on the raw features: ``(w (P,) float32, b)``, prediction ``x . w + b``."""
+    weights = self.weights / self.scale
+    return weights.astype(np.float32), float(self.offset - self.mean @ weights)
 
 
 def with_dense(params: dict, weights: np.ndarray, bias: float) -> dict:

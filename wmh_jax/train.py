@@ -241,13 +241,13 @@ def refit_volume_head(programs: Programs, state: State, train_records: list[dict
 
   The pooled features of the unaugmented training scans come from the
   current network (inference mode); the targets are their volumes in scaled
-  units; ``train.refit_ridge`` is the penalty per scan.
+  units; the ridge penalty is chosen by leave-one-out error on them.
   """
   outputs = inference.run_batches(programs.forward, model_variables(state),
                                   pipeline.eval_batches(train_records, config.train.batch_size),
                                   mesh, keep_maps=False)
   target = np.array([r["wmh_volume_ml"] for r in train_records]) / config.data.volume_scale_ml
-  weights, bias = refit.ridge_readout(outputs["pooled"], target, config.train.refit_ridge)
+  weights, bias = refit.RidgeReadout(np.asarray(outputs["pooled"], np.float64), target).dense()
   params = refit.with_dense(state["params"], weights, bias)
   return {**state, "params": sharding.replicate(params, mesh)}
 

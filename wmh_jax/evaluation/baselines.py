@@ -5,10 +5,14 @@ Both work on preprocessed records of one model grid
 after percentile normalisation, brain ``(x, y, z)``), are fitted on the
 training split only and are deterministic (no random state).
 
-- :class:`HistogramVolumeRegression`: least squares of the annotated WMH
-  volume (mL) on global intensity-histogram features of the brain
-  (:func:`histogram_features`). It sees no lesion, only how bright the brain
-  is, so it measures what a global intensity confound alone explains.
+- :class:`IntensityVolumeRegression`: least squares of the annotated WMH
+  volume (mL) on global intensity features of the brain
+  (:func:`intensity_features`), among them the brain volume (mL) above
+  several intensity levels. It sees no lesion shape or position, only how
+  much of the brain is how bright: the strongest simple floor we measured
+  (BUILD_NOTES, "The floor"). Volumes above a level, not fractions: a lesion
+  volume is a fraction times the brain volume, which a linear fit on
+  fractions cannot form.
 - :class:`ThresholdSegmentation`: brain voxels with intensity >= t are WMH,
   with t the candidate that maximises the mean Dice on the training scans
   with a mask. The 1/99 % percentile clip maps many lesion voxels to exactly
@@ -27,15 +31,17 @@ import numpy as np
 from wmh_jax.data import nifti, pipeline
 from wmh_jax.evaluation import metrics
 
-# Normalised intensities whose brain-voxel exceedance fractions are features.
-INTENSITY_LEVELS = (0.6, 0.7, 0.8, 0.9, 0.95, 0.999)
-FEATURES = (*(f"fraction_ge_{level}" for level in INTENSITY_LEVELS), "brain_mean", "brain_sd",
-            "brain_ml")
+# Normalised intensities above which the brain volume (mL) is a feature.
+INTENSITY_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
+# Percentiles (%) of the brain intensities that are features.
+PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
+FEATURES = ("brain_ml", "brain_mean", "brain_sd", *(f"p{p}" for p in PERCENTILES),
+            *(f"ml_ge_{level}" for level in INTENSITY_LEVELS))
 # Candidate thresholds of the intensity baseline: 0.50, 0.51, ..., 1.00.
 THRESHOLDS = tuple(round(0.5 + 0.01 * i, 2) for i in range(51))
 
 
-def histogram_features(image: np.ndarray, brain: np.ndarray,
+def intensity_features(image: np.ndarray, brain: np.ndarray,
                        spacing_mm: Sequence[float]) -> np.ndarray:
   """Global intensity features of one scan (:data:`FEATURES`).
 
@@ -45,24 +51,26 @@ def histogram_features(image: np.ndarray, brain: np.ndarray,
     spacing_mm: voxel size (mm).
 
   Returns:
-    float64 ``(F,)``: the fraction of brain voxels with intensity >= each of
-    :data:`INTENSITY_LEVELS`, the brain voxels' mean and SD, and the brain
-    volume (mL).
+    float64 ``(F,)``: the brain volume (mL), the brain voxels' mean and SD,
+    their :data:`PERCENTILES`, and the brain volume (mL) with intensity >=
+    each of :data:`INTENSITY_LEVELS`.
   """
   values = np.asarray(image, np.float64)[brain]
-  fractions = [np.mean(values >= level) for level in INTENSITY_LEVELS]
-  return np.array([*fractions, values.mean(), values.std(), nifti.volume_ml(brain, spacing_mm)])
+  voxel_ml = float(np.prod(spacing_mm)) / 1000.0
+  above_ml = [np.count_nonzero(values >= level) * voxel_ml for level in INTENSITY_LEVELS]
+  return np.array([nifti.volume_ml(brain, spacing_mm), values.mean(), values.std(),
+                   *np.percentile(values, PERCENTILES), *above_ml])
 
 
 def record_features(record: dict) -> np.ndarray:
-  """:func:`histogram_features` of one cached record, ``(F,)``."""
+  """:func:`intensity_features` of one cached record, ``(F,)``."""
   scan = pipeline.load_record(record)
-  return histogram_features(scan["image"][..., 0], scan["brain"], scan["spacing_mm"])
+  return intensity_features(scan["image"][..., 0], scan["brain"], scan["spacing_mm"])
 
 
 @dataclasses.dataclass
-class HistogramVolumeRegression:
-  """Least squares of WMH volume (mL) on :func:`histogram_features`, with intercept.
+class IntensityVolumeRegression:
+  """Least squares of WMH volume (mL) on :func:`intensity_features`, with intercept.
 
   Features are standardised with the training mean and SD (a constant
   feature is only centred), so that ``ridge`` penalises every coefficient on
@@ -121,7 +129,8 @@ class HistogramVolumeRegression:
     """One line on the fit, for the report."""
     if self.coef is None:
       return "not fitted: no training scan has a WMH volume"
-    return (f"least squares (ridge {self.ridge:g}) on {len(FEATURES)} histogram features of "
+    return (f"least squares (ridge {self.ridge:g}) on {len(FEATURES)} intensity features (brain mL above "
+            f"{len(INTENSITY_LEVELS)} levels, moments, percentiles) of "
             f"{self.n_train} training scans")
 
   def _design(self, features: np.ndarray) -> np.ndarray:

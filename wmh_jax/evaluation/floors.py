@@ -1,6 +1,6 @@
 """The floor: two non-deep baselines fitted per grid and training split, scored per scan.
 
-:class:`~wmh_jax.evaluation.baselines.HistogramVolumeRegression` and
+:class:`~wmh_jax.evaluation.baselines.IntensityVolumeRegression` and
 :class:`~wmh_jax.evaluation.baselines.ThresholdSegmentation` are fitted on the
 training split of the networks' grid and predict the same test sets. Their
 rows (:data:`BASELINES` run names, kind :data:`BASELINE_KIND`, no seed) go
@@ -23,7 +23,7 @@ from wmh_jax.evaluation import baselines, scans
 
 # The non-deep baselines: kind, and run name per method.
 BASELINE_KIND = "baseline"
-BASELINES = {"histogram": "baseline: histogram regression",
+BASELINES = {"intensity": "baseline: intensity-volume regression",
              "threshold": "baseline: intensity threshold"}
 
 
@@ -33,12 +33,12 @@ class Floor:
 
   Attributes:
     runs: :data:`BASELINES` key → the baseline's run name in the rows and tables.
-    regression: the fitted histogram-feature volume regression.
+    regression: the fitted intensity-feature volume regression.
     threshold: the fitted intensity-threshold segmentation.
     sets: test sets (name → records), the union of its networks' sets.
   """
   runs: dict[str, str]
-  regression: baselines.HistogramVolumeRegression
+  regression: baselines.IntensityVolumeRegression
   threshold: baselines.ThresholdSegmentation
   sets: dict[str, list[dict]]
 
@@ -59,7 +59,7 @@ def _fit_floor(config: ml_collections.ConfigDict, suffix: str) -> Floor:
   train = records.split_records(records.load_records(records.training_manifest(config),
                                                      config))["train"]
   return Floor(runs={method: name + suffix for method, name in BASELINES.items()},
-               regression=baselines.HistogramVolumeRegression().fit(train),
+               regression=baselines.IntensityVolumeRegression().fit(train),
                threshold=baselines.ThresholdSegmentation().fit(train), sets={})
 
 
@@ -94,11 +94,11 @@ def baseline_rows(floor: Floor) -> list[dict]:
   """Per-scan rows of both baselines of one floor on each of its test sets, by
   baseline, then set, then record.
 
-  The histogram regression fills ``predicted_ml``; the intensity threshold
+  The intensity-volume regression fills ``predicted_ml``; the intensity threshold
   fills ``predicted_ml`` (its segmentation's volume), ``dice`` (both NaN
   where it is not fitted) and the challenge metrics.
   """
-  regression, threshold = floor.runs["histogram"], floor.runs["threshold"]
+  regression, threshold = floor.runs["intensity"], floor.runs["threshold"]
   rows = [{**scans.scan_fields(regression, BASELINE_KIND, None, dataset, record),
            "predicted_ml": float(volume)}
           for dataset, recs in floor.sets.items()

@@ -251,11 +251,11 @@ def floor_table(icc_mean: Table, floors: Mapping[str, floors_lib.Floor]) -> Tabl
   for (dataset,), group in group_rows(icc_mean.rows, ("dataset",)).items():
     for network in (r for r in group if r["run"] in floors):
       runs = floors[network["run"]].runs
-      histogram = by_run.get((runs["histogram"], dataset), {})
+      intensity = by_run.get((runs["intensity"], dataset), {})
       threshold = by_run.get((runs["threshold"], dataset), {})
       row = {"dataset": dataset, "run": network["run"], "kind": network["kind"],
-             "icc_2_1": network["icc_2_1"], "histogram_icc_2_1": histogram.get("icc_2_1"),
-             "beats_histogram_icc": _beats(network["icc_2_1"], histogram.get("icc_2_1")),
+             "icc_2_1": network["icc_2_1"], "intensity_icc_2_1": intensity.get("icc_2_1"),
+             "beats_intensity_icc": _beats(network["icc_2_1"], intensity.get("icc_2_1")),
              "threshold_icc_2_1": threshold.get("icc_2_1"),
              "beats_threshold_icc": _beats(network["icc_2_1"], threshold.get("icc_2_1"))}
       if network["kind"] in SEGMENTATION_KINDS:
@@ -265,9 +265,9 @@ def floor_table(icc_mean: Table, floors: Mapping[str, floors_lib.Floor]) -> Tabl
       table.append(row)
   fits = [f"`{floor.runs[method]}`: {model.describe()}"
           for floor in dict.fromkeys(floors.values())
-          for method, model in (("histogram", floor.regression), ("threshold", floor.threshold))]
+          for method, model in (("intensity", floor.regression), ("threshold", floor.threshold))]
   return Table("baselines", "Does each network beat the non-deep baselines? (mean over seeds)",
-               ["dataset", "run", "kind", "icc_2_1", "histogram_icc_2_1", "beats_histogram_icc",
+               ["dataset", "run", "kind", "icc_2_1", "intensity_icc_2_1", "beats_intensity_icc",
                 "threshold_icc_2_1", "beats_threshold_icc", "mean_dice", "threshold_dice",
                 "beats_threshold_dice"], table,
                note="yes: the network's value is higher than the baseline's. Dice only for "
