@@ -62,8 +62,10 @@ def _blob_task(n: int = N_SCANS, seed: int = 0) -> dict[str, np.ndarray]:
           "has_mask": np.ones(n, np.float32)}
 
 
-def _experiment_config(kind: str, flags: str = "") -> ml_collections.ConfigDict:
-  """``experiments/<kind>.py`` with a tiny network on the blob task's grid."""
+def _experiment_config(kind: str, flags: str = "", overrides: dict | None = None
+                       ) -> ml_collections.ConfigDict:
+  """``experiments/<kind>.py`` with a tiny network on the blob task's grid, then ``overrides``
+  (``{"model.volume_head": "count"}``)."""
   path = REPO / "experiments" / f"{kind}.py"
   spec = importlib.util.spec_from_file_location(f"experiment_{kind}", path)
   module = importlib.util.module_from_spec(spec)
@@ -78,13 +80,16 @@ def _experiment_config(kind: str, flags: str = "") -> ml_collections.ConfigDict:
   if config.train.optimizer == "adam":
     config.train.learning_rate = 1e-2
     config.train.warmup_steps = 10
+  for dotted, value in (overrides or {}).items():
+    section, field = dotted.split(".")
+    config[section][field] = value
   return config
 
 
-def fit(kind: str, flags: str = "") -> dict[str, float]:
+def fit(kind: str, flags: str = "", overrides: dict | None = None) -> dict[str, float]:
   """Trains ``kind`` on the whole blob task (one full batch per step) with the
   real sharded train step; returns the fitted set's Dice / ICC / accuracy."""
-  config = _experiment_config(kind, flags)
+  config = _experiment_config(kind, flags, overrides)
   task = _blob_task()
   steps = STEPS[kind]
   # One device whatever XLA_FLAGS forces: this tests learning, not sharding
@@ -144,9 +149,10 @@ def test_collapsed_outputs_fail_the_thresholds():
       _assert_learned(scores)
 
 
-@pytest.mark.parametrize("kind", ["strong", "weak", "joint", "severity"])
-def test_recipe_fits_blob_task(kind):
-  scores = fit(kind)
+@pytest.mark.parametrize("kind,head", [("strong", None), ("weak", "gap"), ("weak", "count"),
+                                       ("joint", "gap"), ("severity", None)])
+def test_recipe_fits_blob_task(kind, head):
+  scores = fit(kind, overrides={"model.volume_head": head} if head else None)
   assert set(scores) == {"strong": {"dice"}, "weak": {"icc"}, "joint": {"dice", "icc"},
                          "severity": {"accuracy"}}[kind]
   _assert_learned(scores)

@@ -18,8 +18,13 @@ from collections.abc import Sequence
 import numpy as np
 
 
-# Ridge penalties tried (standardised features); the leave-one-out best is kept.
+# Ridge penalties tried (standardised features, so each column's x.x is n); the
+# leave-one-out best is kept.
 RIDGES = tuple(10.0 ** k for k in range(-3, 6))
+# The head refit's penalties start higher: with the ~100 nearly collinear pooled
+# features of a GP head, leave-one-out chose penalties whose large, opposed
+# weights made the next training steps' loss explode (1e-1 -> 1e8; BUILD_NOTES).
+REFIT_RIDGES = tuple(10.0 ** k for k in range(1, 6))
 
 
 class RidgeReadout:

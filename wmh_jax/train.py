@@ -241,13 +241,15 @@ def refit_volume_head(programs: Programs, state: State, train_records: list[dict
 
   The pooled features of the unaugmented training scans come from the
   current network (inference mode); the targets are their volumes in scaled
-  units; the ridge penalty is chosen by leave-one-out error on them.
+  units; the ridge penalty is chosen among ``refit.REFIT_RIDGES`` by
+  leave-one-out error on them.
   """
   outputs = inference.run_batches(programs.forward, model_variables(state),
                                   pipeline.eval_batches(train_records, config.train.batch_size),
                                   mesh, keep_maps=False)
   target = np.array([r["wmh_volume_ml"] for r in train_records]) / config.data.volume_scale_ml
-  weights, bias = refit.RidgeReadout(np.asarray(outputs["pooled"], np.float64), target).dense()
+  weights, bias = refit.RidgeReadout(np.asarray(outputs["pooled"], np.float64), target,
+                                     refit.REFIT_RIDGES).dense()
   params = refit.with_dense(state["params"], weights, bias)
   return {**state, "params": sharding.replicate(params, mesh)}
 

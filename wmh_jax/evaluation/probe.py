@@ -9,11 +9,12 @@ to the network's own predictions:
 
 * ``linear gap``: the global average of every feature map (the paper's pooling).
 * ``linear brain sum``: every feature map summed over the brain, times the
-  voxel volume (mL): volumes, where an average gives fractions.
+  voxel volume (mL): volumes, where an average gives fractions;
+  ``linear gap + brain sum`` takes both.
 * ``random relu gap`` / ``random relu brain sum``: a fixed random 1x1x1 layer
   with ReLU (``--hidden`` channels, seeded) on the features first, then the
   same pooling: a voxel-wise nonlinearity before pooling, the readout of a
-  counting head.
+  counting head; ``random relu gap + brain sum`` takes both poolings.
 
 A readout far above the network's own score means the head does not use what
 the body learnt; readouts no better than the network mean the body is the
@@ -42,7 +43,8 @@ from wmh_jax import checkpoint, models, networks, refit, sharding
 from wmh_jax.data import pipeline, records
 from wmh_jax.evaluation import metrics
 
-READOUTS = ("linear gap", "linear brain sum", "random relu gap", "random relu brain sum")
+READOUTS = ("linear gap", "linear brain sum", "linear gap + brain sum", "random relu gap",
+            "random relu brain sum", "random relu gap + brain sum")
 BATCH = 4
 
 
@@ -63,10 +65,13 @@ def make_pooling(body: models.UNetBody, hidden: int, seed: int, channels: int,
     features = body.apply({"params": params}, images).materialize()
     brain = (images > 0).astype(jnp.float32)
     relu = jax.nn.relu(features @ kernel + bias)
-    return {"linear gap": features.mean(axis=(1, 2, 3)),
-            "linear brain sum": (features * brain).sum(axis=(1, 2, 3)) * voxel_ml,
-            "random relu gap": relu.mean(axis=(1, 2, 3)),
-            "random relu brain sum": (relu * brain).sum(axis=(1, 2, 3)) * voxel_ml}
+    relu_gap, relu_sum = relu.mean(axis=(1, 2, 3)), (relu * brain).sum(axis=(1, 2, 3)) * voxel_ml
+    gap = features.mean(axis=(1, 2, 3))
+    brain_sum = (features * brain).sum(axis=(1, 2, 3)) * voxel_ml
+    return {"linear gap": gap, "linear brain sum": brain_sum,
+            "linear gap + brain sum": jnp.concatenate([gap, brain_sum], axis=-1),
+            "random relu gap": relu_gap, "random relu brain sum": relu_sum,
+            "random relu gap + brain sum": jnp.concatenate([relu_gap, relu_sum], axis=-1)}
 
   return pool
 
