@@ -36,7 +36,6 @@ PAPER_RECIPE = {
     "train.warmup_steps": 0,
     "train.schedule": "constant",
     "model.volume_head": "gap",            # paper §2.2: global average pool + Dense
-    "train.head_lr_multiplier": 1.0,       # paper: one learning rate
     "train.refit_head": "none",            # paper: the Dense layer is trained by the optimiser
 }
 
@@ -131,11 +130,11 @@ def get_config(arg: str | None = None, recipe: dict | None = None) -> ml_collect
   config.train.rho = 0.95
   config.train.eps = 1e-7
   config.train.warmup_steps = 20       # linear warm-up from 0
-  config.train.head_lr_multiplier = 1.0  # learning rate of the volume head's params / body's
   # Volume head's Dense layer refitted in closed form (ridge, penalty by leave-one-out)
-  # on the training scans' pooled features: "none" | "epoch" (every epoch end,
-  # before validation).
-  config.train.refit_head = "none"
+  # on the training scans' pooled features (wmh_jax/refit.py): "none" | "end" (after
+  # the last step) | "epoch" (every epoch end; makes the GP head's training explode).
+  # The validation before the refit is logged as trained_head_val_*. Weak and joint only.
+  config.train.refit_head = "end"
   config.train.schedule = "cosine"     # constant | cosine (to 0 at the last step)
   config.train.joint_dice_weight = 1.0  # joint: MSE + weight * segmentation loss
   config.train.log_every_steps = 10    # steps between metric fetches (the host-device syncs)

@@ -6,9 +6,10 @@ pooled features (a model output). With everything before the Dense layer
 fixed, the best W and bias for the training scans are a ridge least-squares
 fit (:class:`RidgeReadout`, its penalty chosen by leave-one-out error on
 the training scans): milliseconds, against the hundreds of noisy Adam steps
-a Dense layer needs to follow a body that is still changing. `train.refit_head`
-applies it at every epoch end (before validation, so the checkpoint holds the
-refitted head).
+a Dense layer needs to follow a body that is still changing.
+``train.refit_head="end"`` applies it after the last step (the checkpoint
+holds the refitted head); ``"epoch"`` at every epoch end, which makes a GP
+head's training diverge (BUILD_NOTES, "Weak labels that measure lesions").
 """
 
 from __future__ import annotations
@@ -21,10 +22,6 @@ import numpy as np
 # Ridge penalties tried (standardised features, so each column's x.x is n); the
 # leave-one-out best is kept.
 RIDGES = tuple(10.0 ** k for k in range(-3, 6))
-# The head refit's penalties start higher: with the ~100 nearly collinear pooled
-# features of a GP head, leave-one-out chose penalties whose large, opposed
-# weights made the next training steps' loss explode (1e-1 -> 1e8; BUILD_NOTES).
-REFIT_RIDGES = tuple(10.0 ** k for k in range(1, 6))
 
 
 class RidgeReadout:

@@ -42,8 +42,7 @@ def make_optimizer(train_config: ml_collections.ConfigDict,
   (``schedule="constant"``) or follows a cosine to 0 at ``total_steps``
   (``"cosine"``, which needs ``total_steps``). optax's ``adadelta`` default
   ``learning_rate=None`` climbs the loss, so the rate is always passed
-  explicitly. ``head_lr_multiplier`` scales the updates of the volume head's
-  parameters (with Adam, the same as scaling their learning rate).
+  explicitly.
   """
   rate, warmup = train_config.learning_rate, train_config.warmup_steps
   if train_config.schedule == "cosine":
@@ -55,21 +54,10 @@ def make_optimizer(train_config: ml_collections.ConfigDict,
   else:
     raise ValueError(f"unknown train.schedule {train_config.schedule!r}; use constant or cosine")
   if train_config.optimizer == "adadelta":
-    base = optax.adadelta(learning_rate=schedule, rho=train_config.rho, eps=train_config.eps)
-  elif train_config.optimizer == "adam":
-    base = optax.adam(learning_rate=schedule)
-  else:
-    raise ValueError(f"unknown optimizer {train_config.optimizer!r}; use adadelta or adam")
-  multiplier = float(train_config.get("head_lr_multiplier", 1.0))
-  if multiplier == 1.0:
-    return base
-  return optax.chain(base, optax.masked(optax.scale(multiplier), volume_head_mask))
-
-
-def volume_head_mask(params: dict) -> dict:
-  """A pytree of bools over ``params``: True for the leaves of the ``volume_head`` module."""
-  return {name: jax.tree.map(lambda _, head=name == "volume_head": head, subtree)
-          for name, subtree in params.items()}
+    return optax.adadelta(learning_rate=schedule, rho=train_config.rho, eps=train_config.eps)
+  if train_config.optimizer == "adam":
+    return optax.adam(learning_rate=schedule)
+  raise ValueError(f"unknown optimizer {train_config.optimizer!r}; use adadelta or adam")
 
 
 def make_init(model, optimizer: optax.GradientTransformation, mesh: Mesh,
@@ -235,21 +223,48 @@ def compile_step(programs: Programs, state: State, batch: dict) -> float | None:
   return time.perf_counter() - start
 
 
+REFIT_MODES = ("none", "epoch", "end")
+
+
+def refit_due(config: ml_collections.ConfigDict, step: int, total_steps: int) -> bool:
+  """Whether the volume head is refitted at this epoch end.
+
+  ``train.refit_head`` (`REFIT_MODES`) applies to the kinds with a volume
+  head (weak, joint); the others have nothing to refit.
+  """
+  mode = config.train.refit_head
+  if mode not in REFIT_MODES:
+    raise ValueError(f"unknown train.refit_head {mode!r}; expected one of {REFIT_MODES}")
+  if config.model.kind not in ("weak", "joint"):
+    return False
+  return mode == "epoch" or (mode == "end" and step == total_steps)
+
+
+def validate(programs: Programs, state: State, val_records: list[dict],
+             config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, float]:
+  """:func:`validation_metrics` of the current state on the validation records."""
+  predictions = inference.physical_outputs(
+      jax.tree.map(np.asarray, inference.run_batches(
+          programs.forward, model_variables(state),
+          pipeline.eval_batches(val_records, config.train.batch_size),
+          mesh, keep_maps=config.model.kind in ("strong", "joint"))),
+      volume_scale_ml=config.data.volume_scale_ml, voxel_ml=records_lib.voxel_ml(config))
+  return validation_metrics(config.model.kind, predictions, val_records)
+
+
 def refit_volume_head(programs: Programs, state: State, train_records: list[dict],
                       config: ml_collections.ConfigDict, mesh: Mesh) -> State:
   """``state`` with its volume head's Dense layer refitted in closed form (`refit`).
 
   The pooled features of the unaugmented training scans come from the
   current network (inference mode); the targets are their volumes in scaled
-  units; the ridge penalty is chosen among ``refit.REFIT_RIDGES`` by
-  leave-one-out error on them.
+  units; the ridge penalty is chosen by leave-one-out error on them.
   """
   outputs = inference.run_batches(programs.forward, model_variables(state),
                                   pipeline.eval_batches(train_records, config.train.batch_size),
                                   mesh, keep_maps=False)
   target = np.array([r["wmh_volume_ml"] for r in train_records]) / config.data.volume_scale_ml
-  weights, bias = refit.RidgeReadout(np.asarray(outputs["pooled"], np.float64), target,
-                                     refit.REFIT_RIDGES).dense()
+  weights, bias = refit.RidgeReadout(np.asarray(outputs["pooled"], np.float64), target).dense()
   params = refit.with_dense(state["params"], weights, bias)
   return {**state, "params": sharding.replicate(params, mesh)}
 
@@ -344,16 +359,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[State, 
         save = epoch_end or stop or step + 1 == total_steps
         if save or (step + 1) % log_every == 0:
           _drain(logger, ckpt, workdir)
-        if epoch_end and config.train.refit_head == "epoch":
-          state = refit_volume_head(programs, state, train_records, config, mesh)
         if epoch_end:
-          predictions = inference.physical_outputs(
-              jax.tree.map(np.asarray, inference.run_batches(
-                  programs.forward, model_variables(state),
-                  pipeline.eval_batches(val_records, batch_size),
-                  mesh, keep_maps=config.model.kind in ("strong", "joint"))),
-              volume_scale_ml=config.data.volume_scale_ml, voxel_ml=records_lib.voxel_ml(config))
-          last_val = validation_metrics(config.model.kind, predictions, val_records)
+          last_val = validate(programs, state, val_records, config, mesh)
+          if refit_due(config, step + 1, total_steps):
+            state = refit_volume_head(programs, state, train_records, config, mesh)
+            trained_head = {f"trained_head_{k}": v for k, v in last_val.items()}
+            last_val = {**validate(programs, state, val_records, config, mesh), **trained_head}
           logger.log_eval(step + 1, (step + 1) // steps_per_epoch, last_val)
         if save:
           ckpt.save(step + 1, state, data_iter, config,
