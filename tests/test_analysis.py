@@ -15,11 +15,11 @@ import pytest
 
 import tiny_data
 from tolerances import float32_rtol, network_terms
-from wmh_jax import analysis, configs, logs, networks, report, sharding
+from wmh_jax import analysis, configs, logs, networks, refit, report, sharding
 from wmh_jax import study as study_lib
 from wmh_jax.data import cache, manifest, pipeline, records
 from wmh_jax.errors import CheckpointError, WMHError
-from wmh_jax.evaluation import attention, baselines, figures, floors, metrics, stats
+from wmh_jax.evaluation import attention, baselines, figures, floors, metrics, probe, stats
 from wmh_jax.evaluation import scans as scans_lib, tables as tables_lib
 
 TABLES = ("networks", "datasets", "icc", "icc_mean", "comparison", "baselines", "challenge",
@@ -447,3 +447,23 @@ def test_domain_effect_pairs_each_randomised_run_with_its_kind_without_it():
                  ("local", "strong", "strong", "strong_dr", -0.1)]
   assert table.rows[1]["domain_mean_dice"] == 0.3
   assert tables_lib.domain_effect_table(icc_mean, set()).rows == []
+
+
+def test_probe_fits_every_readout_on_the_frozen_body(study, capsys):
+  weak = study_lib.plan(study["study_config"], study["root"])[0]
+  assert weak.config.model.kind == "weak"
+  result = probe.probe(weak.workdir, datasets=["ext"], hidden=8)
+  assert set(result) == {"network", *probe.READOUTS, *(f"{r} ridge" for r in probe.READOUTS)}
+  for row in ("network", *probe.READOUTS):
+    assert set(result[row]) == {"train", "val", "ext"}
+    assert all(-1.0 <= v <= 1.0 for v in result[row].values()), result[row]
+  # The network row is the analysis's own ICC of the same scans.
+  predictions = [r for r in _read(study["out"] / "predictions.csv")
+                 if r["run"] == "weak" and r["dataset"] == "ext"]
+  assert result["network"]["ext"] == pytest.approx(metrics.icc_2_1(
+      [float(r["annotated_ml"]) for r in predictions],
+      [float(r["predicted_ml"]) for r in predictions]), rel=1e-6)
+  assert all(result[f"{r} ridge"]["train"] in refit.RIDGES for r in probe.READOUTS)
+  table = probe.format_table(result)
+  assert table.splitlines()[0] == "| readout | train | val | ext | ridge |"
+  assert len(table.splitlines()) == 2 + 1 + len(probe.READOUTS)

@@ -43,15 +43,18 @@ def test_ridge_readout_handles_a_constant_feature():
   assert fit.dense()[0][3] == 0.0
 
 
-def test_with_dense_replaces_only_the_volume_head_dense_layer():
-  params = {"body": {"w": np.ones(3)},
-            "volume_head": {"dense": {"kernel": np.zeros((2, 1)), "bias": np.zeros(1)},
-                            "hidden_kernel": np.ones((5, 2))}}
-  new = refit.with_dense(params, np.array([1.0, 2.0]), 3.0)
-  assert new["body"] is params["body"]
-  assert new["volume_head"]["hidden_kernel"] is params["volume_head"]["hidden_kernel"]
-  np.testing.assert_array_equal(new["volume_head"]["dense"]["kernel"], [[1.0], [2.0]])
-  np.testing.assert_array_equal(new["volume_head"]["dense"]["bias"], [3.0])
-  assert params["volume_head"]["dense"]["bias"][0] == 0.0  # the input is not changed
+def test_fitted_readout_sets_only_the_volume_head_fit_and_unfitted_switches_it_off():
+  readout = {"volume_head": {"dense": {"kernel": np.zeros(2, np.float32),
+                                       "bias": np.float32(0.0), "fitted": np.float32(0.0)}},
+             "other": {"x": np.ones(1)}}
+  new = refit.fitted_readout(readout, np.array([1.0, 2.0]), 3.0)
+  assert new["other"] is readout["other"]
+  np.testing.assert_array_equal(new["volume_head"]["dense"]["kernel"], [1.0, 2.0])
+  assert new["volume_head"]["dense"]["bias"] == 3.0
+  assert new["volume_head"]["dense"]["fitted"] == 1.0
+  assert readout["volume_head"]["dense"]["fitted"] == 0.0  # the input is not changed
+  off = refit.unfitted(new)
+  assert off["volume_head"]["dense"]["fitted"] == 0.0
+  np.testing.assert_array_equal(off["volume_head"]["dense"]["kernel"], [1.0, 2.0])
   with pytest.raises(KeyError):
-    refit.with_dense({"body": {}}, np.ones(2), 0.0)
+    refit.fitted_readout({"other": {}}, np.ones(2), 0.0)

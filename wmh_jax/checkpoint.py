@@ -213,7 +213,7 @@ def restore_for_inference(workdir: str | Path, which: str = "best") -> RestoredR
                               "retrain it")
       state = restored["state"]
       variables = {k: jax.tree.map(jax.device_get, state[k])
-                   for k in ("params", "batch_stats") if k in state}
+                   for k in ("params", "batch_stats", "readout") if k in state}
       return RestoredRun(Path(workdir), step, ml_collections.ConfigDict(config),
                          variables)
   raise CheckpointError(workdir, "no readable checkpoint")

@@ -130,11 +130,11 @@ def get_config(arg: str | None = None, recipe: dict | None = None) -> ml_collect
   config.train.rho = 0.95
   config.train.eps = 1e-7
   config.train.warmup_steps = 20       # linear warm-up from 0
-  # Volume head's Dense layer refitted in closed form (ridge, penalty by leave-one-out)
-  # on the training scans' pooled features (wmh_jax/refit.py): "none" | "end" (after
-  # the last step) | "epoch" (every epoch end; makes the GP head's training explode).
-  # The validation before the refit is logged as trained_head_val_*. Weak and joint only.
-  config.train.refit_head = "end"
+  # Volume head's Dense layer fitted in closed form (ridge, penalty by leave-one-out) on
+  # the training scans' pooled features, for inference only (wmh_jax/refit.py): "none" |
+  # "end" (after the last step) | "epoch" (every epoch end). Weak and joint only; where a
+  # fit is made, the trained Dense layer's validation is logged too, as trained_head_val_*.
+  config.train.refit_head = "epoch"
   config.train.schedule = "cosine"     # constant | cosine (to 0 at the last step)
   config.train.joint_dice_weight = 1.0  # joint: MSE + weight * segmentation loss
   config.train.log_every_steps = 10    # steps between metric fetches (the host-device syncs)

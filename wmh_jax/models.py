@@ -30,7 +30,7 @@ see `configs.py`):
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -280,6 +280,42 @@ class PooledFeatures(nn.Module):
     return pooled, scale * inv_std, -mean * inv_std
 
 
+class RefittableDense(nn.Module):
+  """The weights of a Dense(1) layer, replaced at inference by a closed-form readout once fitted.
+
+  Parameters ``kernel`` (C, 1) and ``bias`` (1,) are nn.Dense's, trained by
+  the optimiser. The collection ``readout`` holds ``kernel`` (C,), ``bias``
+  () and ``fitted`` (): a ridge least-squares fit of the same layer on the
+  training scans' pooled features (`wmh_jax.refit`, ``train.refit_head``),
+  written by the training loop, never by a gradient. Training (``train=True``)
+  always uses the trained parameters, so the fit never changes what the body
+  learns; inference uses the readout when ``fitted`` is 1. A checkpoint
+  written before the readout existed has no such collection and infers with
+  the trained parameters.
+
+  Attributes:
+    kernel_init, bias_init: nn.Dense's initialisers.
+  """
+  kernel_init: Callable
+  bias_init: Callable
+
+  @nn.compact
+  def __call__(self, channels: int, train: bool) -> tuple[jax.Array, jax.Array]:
+    """-> (weights (C,), bias ()): ``volume = pooled . weights + bias``."""
+    kernel = self.param("kernel", self.kernel_init, (channels, 1), jnp.float32)[:, 0]
+    bias = self.param("bias", self.bias_init, (1,), jnp.float32)[0]
+    if not (self.is_initializing() or self.has_variable("readout", "kernel")):
+      return kernel, bias
+    readout_kernel = self.variable("readout", "kernel", jnp.zeros, (channels,), jnp.float32)
+    readout_bias = self.variable("readout", "bias", jnp.zeros, (), jnp.float32)
+    fitted = self.variable("readout", "fitted", jnp.zeros, (), jnp.float32)
+    if train:
+      return kernel, bias
+    use = fitted.value > 0
+    return (jnp.where(use, readout_kernel.value, kernel),
+            jnp.where(use, readout_bias.value, bias))
+
+
 class VolumeHead(nn.Module):
   """GP head: pooled features -> Dense(1), and its attention map (paper §2.2).
 
@@ -315,11 +351,9 @@ class VolumeHead(nn.Module):
                                            self.axis_name, name="pool")(features, train)
     kernel_init = (nn.initializers.zeros if self.zero_init_kernel
                    else nn.initializers.lecun_normal())
-    dense = nn.Dense(1, kernel_init=kernel_init,
-                     bias_init=nn.initializers.constant(self.volume_bias_init),
-                     name="dense")
-    volume = dense(pooled)[:, 0]
-    weights = dense.variables["params"]["kernel"][:, 0]
+    weights, bias = RefittableDense(kernel_init, nn.initializers.constant(self.volume_bias_init),
+                                    name="dense")(pooled.shape[-1], train)
+    volume = pooled @ weights + bias
     attention = features.project(scale * weights) + offset @ weights
     return {"volume": volume, "attention": attention, "pooled": pooled}
 
@@ -371,11 +405,11 @@ class CountHead(nn.Module):
     sums = hidden.sum(axis=(1, 2, 3)) * self.voxel_target
     pooled, mean, inv_std = RunningStandardize(self.momentum, axis_name=self.axis_name,
                                                name="standardize")(sums, update=train)
-    dense = nn.Dense(1, kernel_init=nn.initializers.zeros,
-                     bias_init=nn.initializers.constant(self.volume_bias_init), name="dense")
-    volume = dense(pooled)[:, 0]
-    weights = dense.variables["params"]["kernel"][:, 0]
-    constant = dense.variables["params"]["bias"][0] - (mean * inv_std) @ weights
+    weights, bias = RefittableDense(nn.initializers.zeros,
+                                    nn.initializers.constant(self.volume_bias_init),
+                                    name="dense")(pooled.shape[-1], train)
+    volume = pooled @ weights + bias
+    constant = bias - (mean * inv_std) @ weights
     n_brain = jnp.maximum(brain.sum(axis=(1, 2, 3)), 1.0)
     attention = (self.voxel_target * hidden @ (inv_std * weights)
                  + brain * (constant / n_brain)[:, None, None, None])

@@ -7,9 +7,13 @@ fixed, the best W and bias for the training scans are a ridge least-squares
 fit (:class:`RidgeReadout`, its penalty chosen by leave-one-out error on
 the training scans): milliseconds, against the hundreds of noisy Adam steps
 a Dense layer needs to follow a body that is still changing.
-``train.refit_head="end"`` applies it after the last step (the checkpoint
-holds the refitted head); ``"epoch"`` at every epoch end, which makes a GP
-head's training diverge (BUILD_NOTES, "Weak labels that measure lesions").
+
+The fit goes into the state's ``readout`` collection (`models.RefittableDense`),
+which inference uses and training ignores: fed back into training, the
+refitted weights of a GP head made the next steps' loss explode (BUILD_NOTES,
+"Weak labels that measure lesions"). ``train.refit_head`` says when:
+``"epoch"`` (every epoch end, before validation), ``"end"`` (after the last
+step) or ``"none"``.
 """
 
 from __future__ import annotations
@@ -64,9 +68,20 @@ class RidgeReadout:
     return weights.astype(np.float32), float(self.offset - self.mean @ weights)
 
 
-def with_dense(params: dict, weights: np.ndarray, bias: float) -> dict:
-  """``params`` with ``volume_head/dense`` set to kernel ``weights[:, None]`` and ``bias``."""
-  head = dict(params["volume_head"])
-  head["dense"] = {"kernel": np.asarray(weights, np.float32)[:, None],
-                   "bias": np.asarray([bias], np.float32)}
-  return {**params, "volume_head": head}
+def fitted_readout(readout: dict, weights: np.ndarray, bias: float) -> dict:
+  """The ``readout`` collection with the volume head's fit set to ``weights`` (K,) and ``bias``.
+
+  ``readout`` is a train state's ``readout`` collection
+  (`models.RefittableDense`); only ``volume_head/dense`` changes.
+  """
+  head = dict(readout["volume_head"])
+  head["dense"] = {"kernel": np.asarray(weights, np.float32), "bias": np.float32(bias),
+                   "fitted": np.float32(1.0)}
+  return {**readout, "volume_head": head}
+
+
+def unfitted(readout: dict) -> dict:
+  """The ``readout`` collection with the fit switched off: inference uses the trained Dense."""
+  head = dict(readout["volume_head"])
+  head["dense"] = {**head["dense"], "fitted": np.float32(0.0)}
+  return {**readout, "volume_head": head}

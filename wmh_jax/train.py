@@ -67,7 +67,8 @@ def make_init(model, optimizer: optax.GradientTransformation, mesh: Mesh,
   ``image_shape`` is (x, y, z).
 
   The state ``{"step", "params", "opt_state"}`` (plus ``batch_stats`` when
-  the model keeps running statistics, ``model.pooled_norm="running"``) is
+  the model keeps running statistics, ``model.pooled_norm="running"``, and
+  ``readout`` for a volume head's closed-form refit) is
   created directly on every device of the mesh. The seed is traced, so one
   compilation serves a whole seed sweep.
   """
@@ -75,16 +76,17 @@ def make_init(model, optimizer: optax.GradientTransformation, mesh: Mesh,
     variables = model.init(jax.random.key(seed), jnp.zeros((1, *image_shape, 1)))
     state = {"step": jnp.zeros((), jnp.int32), "params": variables["params"],
              "opt_state": optimizer.init(variables["params"])}
-    if "batch_stats" in variables:
-      state["batch_stats"] = variables["batch_stats"]
+    for collection in ("batch_stats", "readout"):
+      if collection in variables:
+        state[collection] = variables[collection]
     return state
 
   return jax.jit(init, out_shardings=sharding.replicated_sharding(mesh))
 
 
 def model_variables(state: State) -> dict:
-  """The Flax variables (``params`` and, if any, ``batch_stats``) of a train state."""
-  return {k: state[k] for k in ("params", "batch_stats") if k in state}
+  """The Flax variables (``params`` and, if any, ``batch_stats`` and ``readout``) of a train state."""
+  return {k: state[k] for k in ("params", "batch_stats", "readout") if k in state}
 
 
 def make_train_step(model, config: ml_collections.ConfigDict,
@@ -240,12 +242,12 @@ def refit_due(config: ml_collections.ConfigDict, step: int, total_steps: int) ->
   return mode == "epoch" or (mode == "end" and step == total_steps)
 
 
-def validate(programs: Programs, state: State, val_records: list[dict],
+def validate(programs: Programs, variables: dict, val_records: list[dict],
              config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, float]:
-  """:func:`validation_metrics` of the current state on the validation records."""
+  """:func:`validation_metrics` of the model with ``variables`` on the validation records."""
   predictions = inference.physical_outputs(
       jax.tree.map(np.asarray, inference.run_batches(
-          programs.forward, model_variables(state),
+          programs.forward, variables,
           pipeline.eval_batches(val_records, config.train.batch_size),
           mesh, keep_maps=config.model.kind in ("strong", "joint"))),
       volume_scale_ml=config.data.volume_scale_ml, voxel_ml=records_lib.voxel_ml(config))
@@ -254,19 +256,20 @@ def validate(programs: Programs, state: State, val_records: list[dict],
 
 def refit_volume_head(programs: Programs, state: State, train_records: list[dict],
                       config: ml_collections.ConfigDict, mesh: Mesh) -> State:
-  """``state`` with its volume head's Dense layer refitted in closed form (`refit`).
+  """``state`` with a closed-form fit of its volume head's Dense layer in ``readout`` (`refit`).
 
   The pooled features of the unaugmented training scans come from the
   current network (inference mode); the targets are their volumes in scaled
   units; the ridge penalty is chosen by leave-one-out error on them.
+  Training never reads the fit, so it changes only what inference predicts.
   """
   outputs = inference.run_batches(programs.forward, model_variables(state),
                                   pipeline.eval_batches(train_records, config.train.batch_size),
                                   mesh, keep_maps=False)
   target = np.array([r["wmh_volume_ml"] for r in train_records]) / config.data.volume_scale_ml
   weights, bias = refit.RidgeReadout(np.asarray(outputs["pooled"], np.float64), target).dense()
-  params = refit.with_dense(state["params"], weights, bias)
-  return {**state, "params": sharding.replicate(params, mesh)}
+  readout = refit.fitted_readout(state["readout"], weights, bias)
+  return {**state, "readout": sharding.replicate(readout, mesh)}
 
 
 def _drain(logger: MetricLogger, ckpt: checkpoint.Checkpointer, workdir: Path) -> None:
@@ -360,11 +363,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[State, 
         if save or (step + 1) % log_every == 0:
           _drain(logger, ckpt, workdir)
         if epoch_end:
-          last_val = validate(programs, state, val_records, config, mesh)
           if refit_due(config, step + 1, total_steps):
             state = refit_volume_head(programs, state, train_records, config, mesh)
-            trained_head = {f"trained_head_{k}": v for k, v in last_val.items()}
-            last_val = {**validate(programs, state, val_records, config, mesh), **trained_head}
+          last_val = validate(programs, model_variables(state), val_records, config, mesh)
+          if refit_due(config, step + 1, total_steps):
+            trained = {**model_variables(state), "readout": refit.unfitted(state["readout"])}
+            last_val.update({f"trained_head_{k}": v for k, v in
+                             validate(programs, trained, val_records, config, mesh).items()})
           logger.log_eval(step + 1, (step + 1) // steps_per_epoch, last_val)
         if save:
           ckpt.save(step + 1, state, data_iter, config,
