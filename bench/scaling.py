@@ -9,8 +9,9 @@ Each ``--runs`` entry is ``label=workdir`` (a seed folder or a workdir holding
 ``seed_0``), one training budget per workdir, its cosine schedule stretched to
 that budget. The figure plots each run's per-epoch validation ICC(2,1)
 (volume networks) or mean Dice (strong) from its ``metrics.jsonl`` against the
-step on a log axis, one colour per label prefix before the budget (``weak
-paper head``, ...), with the floors of the same validation split as
+step on a log axis, one colour per label prefix before the budget (``weak``,
+``strong``; a weak run with a readout fit gives two curves: the readout and
+the trained Dense layer, the paper's head), with the floors of the same validation split as
 horizontal lines: the intensity-volume regression for ICC, the intensity
 threshold for Dice (`wmh_jax.evaluation.baselines`, fitted on the training
 split of the first run's grid). Writes ``scaling.png`` and ``scaling.md`` (one
@@ -80,17 +81,22 @@ def main() -> None:
   rows = []
   for label, run in runs.items():
     points = curve(run)
-    key = "val_dice" if "val_dice" in points[-1] else "val_icc"
     group = label.rsplit(" ", 1)[0]
-    colour = colours.setdefault(group, f"C{len(colours)}")
-    axis = axes[1] if key == "val_dice" else axes[0]
+    series = [("val_dice", group)] if "val_dice" in points[-1] else [("val_icc", group)]
+    if "trained_head_val_icc" in points[-1]:  # a weak/joint run with a readout fit
+      series = [("val_icc", f"{group}: readout fit"),
+                ("trained_head_val_icc", f"{group}: trained Dense (paper head)")]
     steps = [p["step"] for p in points]
-    axis.plot(steps, [p[key] for p in points], "o-", ms=3, color=colour,
-              label=group if steps[-1] == max(curve(r)[-1]["step"] for l, r in runs.items()
-                                              if l.rsplit(" ", 1)[0] == group) else None)
-    rows.append({"run": label, "steps": steps[-1], "score": key,
-                 "final": points[-1][key], "best": max(p[key] for p in points),
-                 "step_s": median_step_s(run), "workdir": str(run)})
+    for key, name in series:
+      colour = colours.setdefault(name, f"C{len(colours)}")
+      axis = axes[1] if key == "val_dice" else axes[0]
+      first = name not in {line.get_label() for line in axis.get_lines()}
+      axis.plot(steps, [p[key] for p in points], marker="o", ms=3, color=colour,
+                ls="--" if key.startswith("trained_head") else "-", label=name if first else None)
+      rows.append({"run": f"{label}, {name.split(': ')[-1]}" if ": " in name else label,
+                   "steps": steps[-1], "score": key.replace("trained_head_", ""),
+                   "final": points[-1][key], "best": max(p[key] for p in points),
+                   "step_s": median_step_s(run), "workdir": str(run)})
   for axis, key, name in ((axes[0], "val_icc", "validation ICC(2,1)"),
                           (axes[1], "val_dice", "validation Dice (strong)")):
     axis.axhline(floor[key], color="k", ls="--", lw=1,
