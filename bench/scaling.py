@@ -32,7 +32,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from wmh_jax import checkpoint  # pylint: disable=wrong-import-position
+from wmh_jax import checkpoint, logs  # pylint: disable=wrong-import-position
 from wmh_jax.data import records  # pylint: disable=wrong-import-position
 from wmh_jax.evaluation import baselines, metrics  # pylint: disable=wrong-import-position
 
@@ -40,12 +40,6 @@ from wmh_jax.evaluation import baselines, metrics  # pylint: disable=wrong-impor
 def seed_dir(workdir: Path) -> Path:
   """``workdir`` itself when it holds ``metrics.jsonl``, else its ``seed_0``."""
   return workdir if (workdir / "metrics.jsonl").exists() else workdir / "seed_0"
-
-
-def curve(run: Path) -> list[dict]:
-  """The validation records (``val_*`` keys) of a run's ``metrics.jsonl``, in step order."""
-  lines = (run / "metrics.jsonl").read_text().splitlines()
-  return [r for r in map(json.loads, lines) if "val_score" in r]
 
 
 def median_step_s(run: Path) -> float:
@@ -80,7 +74,7 @@ def main() -> None:
   colours: dict[str, str] = {}
   rows = []
   for label, run in runs.items():
-    points = curve(run)
+    points = logs.validation_records(run / "metrics.jsonl")
     group = label.rsplit(" ", 1)[0]
     series = [("val_dice", group)] if "val_dice" in points[-1] else [("val_icc", group)]
     if "trained_head_val_icc" in points[-1]:  # a weak/joint run with a readout fit

@@ -155,7 +155,9 @@ def test_volume_bias_init():
   features = _image((2, 2, 2, 2, 3))
   params = jax.jit(head.init)(jax.random.key(1, impl="rbg"), features)
   assert jax.tree_util.tree_map(jnp.shape, params) == {
-      "params": {"dense": {"kernel": (3, 1), "bias": (1,)}}}
+      "params": {"dense": {"kernel": (3, 1), "bias": (1,)}},
+      "readout": {"dense": {"kernel": (3,), "bias": (), "fitted": ()}}}
+  assert float(params["readout"]["dense"]["fitted"]) == 0.0
   np.testing.assert_array_equal(params["params"]["dense"]["bias"], np.float32([0.3]))
   out = head.apply(params, features)
   weights = params["params"]["dense"]["kernel"][:, 0]
@@ -175,6 +177,33 @@ def test_volume_bias_init():
   # Exact: a zero kernel makes every product and sum 0.0, plus the bias 0.3f.
   np.testing.assert_array_equal(out["volume"], np.float32([0.3, 0.3]))
   np.testing.assert_array_equal(out["attention"], 0.0)
+
+
+def test_a_fitted_readout_replaces_the_dense_layer_at_inference_only():
+  head = models.VolumeHead(pool_scale=2.0, volume_bias_init=0.3)
+  features = _image((2, 2, 2, 2, 3))
+  variables = jax.jit(head.init)(jax.random.key(1, impl="rbg"), features)
+  trained = head.apply(variables, features)
+  fit = {"kernel": jnp.float32([1.0, -2.0, 0.5]), "bias": jnp.float32(4.0),
+         "fitted": jnp.float32(1.0)}
+  refitted = {**variables, "readout": {"dense": fit}}
+  out = head.apply(refitted, features)
+  pooled = 2.0 * features.mean(axis=(1, 2, 3))
+  # The readout's dot product of 3 terms, both sides float32 (as test_volume_bias_init).
+  assert_close_to_abs_sum(out["volume"], pooled @ fit["kernel"] + 4.0,
+                          jnp.abs(pooled) @ jnp.abs(fit["kernel"]) + 4.0,
+                          float32_rtol(8 + 3, ops=3, sides=2))
+  assert_close_to_abs_sum(out["attention"], 2.0 * features @ fit["kernel"],
+                          2.0 * jnp.abs(features) @ jnp.abs(fit["kernel"]),
+                          float32_rtol(3, ops=2, sides=2))
+  # Training and an unfitted readout use the trained Dense layer: the same program, exact.
+  np.testing.assert_array_equal(head.apply(refitted, features, train=True)["volume"],
+                                head.apply(variables, features, train=True)["volume"])
+  unfitted = {**variables, "readout": {"dense": {**fit, "fitted": jnp.float32(0.0)}}}
+  np.testing.assert_array_equal(head.apply(unfitted, features)["volume"], trained["volume"])
+  # A checkpoint from before the readout existed (no collection) infers with the Dense layer.
+  np.testing.assert_array_equal(head.apply({"params": variables["params"]}, features)["volume"],
+                                trained["volume"])
 
 
 def test_params_and_outputs_identical_across_conv_impls():

@@ -68,7 +68,7 @@ def main(argv: list[str]) -> None:
   cli.start_from_flags()
   host_devices.use_cpu_devices_from_flags()
   initialize_distributed()
-  from wmh_jax import train  # pylint: disable=import-outside-toplevel
+  from wmh_jax import logs, train  # pylint: disable=import-outside-toplevel
   config = FLAGS.config
   seeds = [int(s) for s in FLAGS.seeds] if FLAGS.seeds else [config.seed]
   results = {}
@@ -85,6 +85,11 @@ def main(argv: list[str]) -> None:
       return
     print(f"seed {seed}: final validation " + ", ".join(
         f"{k}={v:.4f}" for k, v in results[seed].items()), flush=True)
+    evals = logs.validation_records(Path(FLAGS.workdir) / f"seed_{seed}" / "metrics.jsonl")
+    if evals:
+      best = max(evals, key=lambda e: e["val_score"])
+      print(f"seed {seed}: best checkpoint (what analysis and predict restore): epoch "
+            f"{best['epoch']}, step {best['step']}, val_score={best['val_score']:.4f}", flush=True)
 
 
 if __name__ == "__main__":
