@@ -336,8 +336,8 @@ def _flat(state: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def _assert_same_state(state: dict[str, Any], reference: dict[str, Any]) -> None:
-  """Every leaf of two train states (step, params, opt_state, batch_stats) is bitwise equal."""
-  assert set(state) == {"step", "params", "opt_state", "batch_stats"}
+  """Every leaf of two train states (step, params, opt_state, batch_stats, readout) is bitwise equal."""
+  assert set(state) == {"step", "params", "opt_state", "batch_stats", "readout"}
   leaves, ref_leaves = _flat(state), _flat(reference)
   assert sorted(leaves) == sorted(ref_leaves)
   differ = [path for path, a in leaves.items()
