@@ -336,7 +336,7 @@ def _flat(state: dict[str, Any]) -> dict[str, np.ndarray]:
 
 
 def _assert_same_state(state: dict[str, Any], reference: dict[str, Any]) -> None:
-  """Every leaf of two train states (step, params, opt_state, batch_stats, readout) is bitwise equal."""
+  """Every leaf of two train states (step, params, opt_state, batch_stats, readout) is equal."""
   assert set(state) == {"step", "params", "opt_state", "batch_stats", "readout"}
   leaves, ref_leaves = _flat(state), _flat(reference)
   assert sorted(leaves) == sorted(ref_leaves)

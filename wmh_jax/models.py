@@ -90,7 +90,7 @@ class FeatureStack(NamedTuple):
     return jnp.concatenate([part.mean(axis=(1, 2, 3)) for part, _ in self.parts], axis=-1)
 
   def project(self, weights: jax.Array) -> jax.Array:
-    """The stacked map's product with ``weights``: (C,) -> (b, x, y, z); (C, K) -> (b, x, y, z, K)."""
+    """The stacked map times ``weights``: (C,) -> (b, x, y, z); (C, K) -> (b, x, y, z, K)."""
     total, start = None, 0
     for part, factor in self.parts:
       channels = part.shape[-1]
@@ -395,7 +395,8 @@ class CountHead(nn.Module):
   @nn.compact
   def __call__(self, features: jax.Array | FeatureStack, image: jax.Array, train: bool = False
                ) -> dict[str, jax.Array]:
-    """F (b, x, y, z, C), image (b, x, y, z, 1) -> volume (b,), attention (b, x, y, z), pooled (b, K)."""
+    """F (b, x, y, z, C), image (b, x, y, z, 1) -> volume (b,), attention (b, x, y, z),
+    pooled (b, K)."""
     features = FeatureStack.of(features)
     kernel = self.param("hidden_kernel", nn.initializers.lecun_normal(),
                         (features.channels, self.hidden), jnp.float32)

@@ -353,8 +353,8 @@ PAPER_NOTE = ("For reference, the paper reports on its local test set a mean ICC
 
 FLOOR_NOTE = ("Two non-deep baselines, fitted on the training split of the networks' grid "
               "and scored on the same test sets with the same statistics (their rows are in "
-              "every table): `baseline: intensity-volume regression`, least squares of the WMH volume "
-              "on global brain-intensity features, among them the brain volume (mL) above "
+              "every table): `baseline: intensity-volume regression`, least squares of the WMH "
+              "volume on global brain-intensity features, among them the brain volume (mL) above "
               "eight intensity levels (it sees no lesion shape or position), and "
               "`baseline: intensity threshold`, the brain voxels at or above one intensity, "
               "chosen for the best mean Dice on the training masks. A network that does not "

@@ -85,7 +85,7 @@ def make_init(model, optimizer: optax.GradientTransformation, mesh: Mesh,
 
 
 def model_variables(state: State) -> dict:
-  """The Flax variables (``params`` and, if any, ``batch_stats`` and ``readout``) of a train state."""
+  """The Flax variables (``params``; ``batch_stats`` and ``readout`` if any) of a train state."""
   return {k: state[k] for k in ("params", "batch_stats", "readout") if k in state}
 
 

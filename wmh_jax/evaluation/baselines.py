@@ -129,8 +129,8 @@ class IntensityVolumeRegression:
     """One line on the fit, for the report."""
     if self.coef is None:
       return "not fitted: no training scan has a WMH volume"
-    return (f"least squares (ridge {self.ridge:g}) on {len(FEATURES)} intensity features (brain mL above "
-            f"{len(INTENSITY_LEVELS)} levels, moments, percentiles) of "
+    return (f"least squares (ridge {self.ridge:g}) on {len(FEATURES)} intensity features "
+            f"(brain mL above {len(INTENSITY_LEVELS)} levels, moments, percentiles) of "
             f"{self.n_train} training scans")
 
   def _design(self, features: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Is the body or the head the limit? Closed-form volume readouts of a trained network's frozen body.
+"""Is the body or the head the limit? Closed-form volume readouts of a trained run's frozen body.
 
 A volume network is a body (the U-Net, which makes voxel features) and a head
 (which turns them into one volume). When the network predicts volumes badly,
