@@ -9,9 +9,9 @@ Each ``--runs`` entry is ``label=workdir`` (a seed folder or a workdir holding
 ``seed_0``), one training budget per workdir, its cosine schedule stretched to
 that budget. The figure plots each run's per-epoch validation ICC(2,1)
 (volume networks) or mean Dice (strong) from its ``metrics.jsonl`` against the
-step on a log axis, one colour per label prefix before the budget (``weak``,
-``strong``; a weak run with a readout fit gives two curves: the readout and
-the trained Dense layer, the paper's head), with the floors of the same validation split as
+step on a log axis, one colour per run (a weak run with a readout fit gives
+two curves: the readout, solid, and the trained Dense layer, the paper's
+head, dashed), with the floors of the same validation split as
 horizontal lines: the intensity-volume regression for ICC, the intensity
 threshold for Dice (`wmh_jax.evaluation.baselines`, fitted on the training
 split of the first run's grid). Writes ``scaling.png`` and ``scaling.md`` (one
@@ -75,18 +75,16 @@ def main() -> None:
   rows = []
   for label, run in runs.items():
     points = logs.validation_records(run / "metrics.jsonl")
-    group = label.rsplit(" ", 1)[0]
-    series = [("val_dice", group)] if "val_dice" in points[-1] else [("val_icc", group)]
+    series = [("val_dice", label)] if "val_dice" in points[-1] else [("val_icc", label)]
     if "trained_head_val_icc" in points[-1]:  # a weak/joint run with a readout fit
-      series = [("val_icc", f"{group}: readout fit"),
-                ("trained_head_val_icc", f"{group}: trained Dense (paper head)")]
+      series = [("val_icc", f"{label}: readout fit"),
+                ("trained_head_val_icc", f"{label}: trained Dense (paper head)")]
     steps = [p["step"] for p in points]
+    colour = colours.setdefault(label, f"C{len(colours)}")
     for key, name in series:
-      colour = colours.setdefault(name, f"C{len(colours)}")
       axis = axes[1] if key == "val_dice" else axes[0]
-      first = name not in {line.get_label() for line in axis.get_lines()}
       axis.plot(steps, [p[key] for p in points], marker="o", ms=3, color=colour,
-                ls="--" if key.startswith("trained_head") else "-", label=name if first else None)
+                ls="--" if key.startswith("trained_head") else "-", label=name)
       rows.append({"run": f"{label}, {name.split(': ')[-1]}" if ": " in name else label,
                    "steps": steps[-1], "score": key.replace("trained_head_", ""),
                    "final": points[-1][key], "best": max(p[key] for p in points),
