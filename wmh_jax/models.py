@@ -377,8 +377,10 @@ class CountHead(nn.Module):
   where c = bias - (m * inv_std) . W and n_brain is the scan's brain voxel
   count, so ``attention.sum(axis=(1, 2, 3)) == volume`` (up to rounding):
   each brain voxel holds its share of the volume. Like the paper's attention
-  map it is signed. ``pooled`` is g, the Dense layer's input, for a
-  closed-form refit of the Dense layer (`wmh_jax.refit`).
+  map it is signed: a non-negative density (the sigmoid of a voxel logit, a
+  lesion fraction) stayed at validation ICC 0.015 for 300 steps (BUILD_NOTES,
+  issue 19). W and bias come from `RefittableDense`; ``pooled`` is g, the
+  Dense layer's input, for its closed-form fit (`wmh_jax.refit`).
 
   Attributes:
     voxel_target: u, target units per voxel (> 0).
