@@ -9,6 +9,7 @@ restored checkpoints.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
@@ -311,9 +312,13 @@ def summarise(rows: Sequence[dict], n_boot: int = 1000, seed: int = 0) -> dict[s
 
 
 def networks_table(networks: Sequence[networks_lib.Network]) -> Table:
-  """Which checkpoint of which run was analysed."""
+  """Which checkpoint of which run was analysed.
+
+  Workdirs are written relative to the current directory, so a committed
+  report names no folder of the machine that made it.
+  """
   return Table("networks", "Networks (best checkpoint of each seed)",
                ["run", "kind", "seed", "step", "workdir"],
                [{"run": n.group, "kind": n.kind, "seed": n.seed, "step": n.step,
-                 "workdir": str(n.workdir)} for n in networks])
+                 "workdir": os.path.relpath(n.workdir)} for n in networks])
 
