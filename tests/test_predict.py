@@ -10,14 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import nibabel as nib
 import numpy as np
 import pytest
 
 import tiny_data
-from tolerances import float32_rtol
-from wmh_jax import networks, predict, sharding, train
-from wmh_jax.data import cache, manifest, nifti, records
+from tolerances import bfloat16_rtol, float32_rtol
+from wmh_jax import checkpoint, models, networks, predict, sharding, train
+from wmh_jax.data import cache, manifest, nifti, pipeline, records
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_VOXEL_ML = 1.5 ** 3 / 1000  # tiny_config grid: 1.5 mm isotropic
@@ -272,6 +273,36 @@ def test_resume_skips_finished_scans_and_tta_reruns(runs, tmp_path, capsys):
   done = json.loads((out / "s03_flair" / "done.json").read_text())
   assert done["signature"]["tta"] is True
   assert done["row"]["weak_mean_ml"] == pytest.approx(float(tta[0]["weak_mean_ml"]))
+
+
+def test_bfloat16_run_restores_for_predict_under_either_dtype(runs, tmp_path):
+  """A run trained with bfloat16 compute stores float32 parameters; predict runs it, and the
+  same checkpoint under float32 compute gives the same volumes within `bfloat16_rtol`."""
+  data = runs["data"]
+  config = tiny_data.tiny_config(data / "manifest.csv", data.parent / "cache")
+  config.model.dtype = "bfloat16"
+  train.run(config, tmp_path / "bf16")
+  restored = checkpoint.restore_for_inference(tmp_path / "bf16")
+  assert restored.config.model.dtype == "bfloat16"
+  assert {leaf.dtype for leaf in jax.tree.leaves(restored.variables)} == {np.dtype(np.float32)}
+
+  out = tmp_path / "preds"
+  scans = [str(data / f"s0{i}_flair.nii.gz") for i in (5, 6)]
+  assert predict.main([f"--checkpoints={tmp_path / 'bf16'}", f"--out={out}", *scans]) == 0
+  rows = _rows(out / "volumes.csv")
+  assert [r["status"] for r in rows] == ["ok", "ok"]
+
+  image = np.stack([pipeline.load_record(r)["image"] for r in
+                    records.load_records(data / "manifest.csv", config)[:4]])
+  volumes = {}
+  for dtype in ("bfloat16", "float32"):
+    restored.config.model.dtype = dtype
+    model = models.build_model(restored.config.model)
+    volumes[dtype] = np.asarray(model.apply(restored.variables, image)["volume"])
+  # tiny_config's depth-2 body: 10 convolutions on the longest path.
+  scale = np.abs(volumes["float32"]).max()
+  np.testing.assert_allclose(volumes["bfloat16"], volumes["float32"], rtol=0,
+                             atol=bfloat16_rtol(10) * scale)
 
 
 def test_tta_average_flips_maps_back():

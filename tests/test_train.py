@@ -13,11 +13,12 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 import poison
 import tiny_data
-from tolerances import float32_rtol
+from tolerances import bfloat16_rtol, float32_rtol
 from wmh_jax import checkpoint, configs, inference, models, refit, sharding, train
 from wmh_jax.data import pipeline, records
 from wmh_jax.errors import CheckpointError, TrainingError
@@ -71,6 +72,42 @@ def test_adadelta_paper_values_decrease_loss(dataset):
     state, metrics = step(state, sharding.global_batch(batch, mesh))
     losses.append(float(metrics["loss"]))
   assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("kind", ["weak", "strong", "joint", "severity"])
+def test_one_bfloat16_step_matches_float32(kind):
+  """One train step in bfloat16 compute against float32: same loss and gradient, within
+  `bfloat16_rtol`; parameters, optimizer state and statistics stay float32.
+
+  The step uses SGD with rate 1, so the parameter change is minus the gradient.
+  The depth-1 body has 6 convolutions on every path (down, bottom, up blocks).
+  """
+  import test_learning  # pylint: disable=import-outside-toplevel
+  task = test_learning._blob_task(4)  # pylint: disable=protected-access
+  mesh = jax.make_mesh((1,), (sharding.DATA_AXIS,), devices=jax.devices()[:1])
+  labels = [{"wmh_volume_ml": float(v), "has_mask": 1.0} for v in task["volume_ml"]]
+  results = {}
+  for dtype in ("float32", "bfloat16"):
+    config = test_learning._experiment_config(  # pylint: disable=protected-access
+        kind, overrides={"model.dtype": dtype, "model.depth": 1})
+    model = models.build_model(config.model, **train.head_inits(config, labels),
+                               voxel_target=1e-3 / config.data.volume_scale_ml,
+                               axis_name=sharding.DATA_AXIS)
+    optimizer = optax.sgd(1.0)
+    state = train.make_init(model, optimizer, mesh, test_learning.SHAPE)(0)
+    before = jax.tree.map(np.asarray, state["params"])
+    state, metrics = train.make_train_step(model, config, optimizer, mesh)(
+        state, sharding.global_batch(task, mesh))
+    assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(state)
+               if np.issubdtype(leaf.dtype, np.floating)), dtype
+    gradient = np.concatenate([(b - np.asarray(a)).ravel() for a, b in zip(
+        jax.tree.leaves(state["params"]), jax.tree.leaves(before), strict=True)])
+    results[dtype] = float(metrics["loss"]), gradient
+  (loss32, grad32), (loss16, grad16) = results["float32"], results["bfloat16"]
+  convs = 6
+  assert abs(loss16 - loss32) <= bfloat16_rtol(convs) * loss32, (loss16, loss32)
+  error = np.linalg.norm(grad16 - grad32) / np.linalg.norm(grad32)
+  assert error <= bfloat16_rtol(2 * convs), error
 
 
 @pytest.fixture(scope="module")

@@ -47,6 +47,7 @@ import numpy as np
 
 EPS32 = float(np.finfo(np.float32).eps)  # 2**-23 ~ 1.19e-7
 EPS64 = float(np.finfo(np.float64).eps)  # 2**-52 ~ 2.22e-16
+EPS_BF16 = 2.0 ** -7                     # bfloat16: 8-bit significand (7 stored bits)
 
 
 def float32_rtol(n_terms: int, ops: int = 0, sides: int = 1) -> float:
@@ -59,6 +60,22 @@ def float32_rtol(n_terms: int, ops: int = 0, sides: int = 1) -> float:
     sides: 2 when both compared values are float32 computations.
   """
   return sides * (n_terms + ops) * EPS32
+
+
+def bfloat16_rtol(layers: int, ops: int = 0) -> float:
+  """Relative tolerance of a bfloat16-compute result against its float32 twin.
+
+  Mixed precision (``model.dtype="bfloat16"``) keeps reductions in float32
+  (a convolution accumulates in float32 and rounds its output once), so the
+  sums do not grow the error with their length as in :func:`float32_rtol`.
+  Each layer instead rounds three things to bfloat16: its input, its kernel
+  and its output, ``3 u`` relative each time (u = eps / 2); ``layers`` layers
+  in a chain add up, plus ``ops`` other bfloat16 roundings. As in the module
+  rule, the tolerance is twice that first-order bound: ``(3 layers + ops) eps``.
+  For a gradient, count the layers of the forward and of the backward pass.
+  The float32 side's own error is ~2**16 times smaller and is ignored.
+  """
+  return (3 * layers + ops) * EPS_BF16
 
 
 def float64_rtol(n_terms: int, ops: int = 0, sides: int = 1) -> float:

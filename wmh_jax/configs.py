@@ -57,6 +57,9 @@ def get_config(arg: str | None = None, recipe: dict | None = None) -> ml_collect
   config.model.base_filters = 32       # Dubost's GP-Unet code
   config.model.depth = 2               # number of 2x down-samplings ("shallow")
   config.model.conv_impl = "auto"      # auto | native | depth2d  (auto: depth2d_concat on CPU)
+  # Compute dtype of the body: float32 | bfloat16. Parameters, optimizer state, running
+  # statistics, losses and every reduction stay float32 (models.py, "Mixed precision").
+  config.model.dtype = "float32"
   config.model.norm = "none"           # none | group | instance, after every body conv
   config.model.pool_scale = 38.0       # global average pool multiplier (1.0 = paper)
   config.model.pooled_norm = "running"  # none | running: standardise pooled features

@@ -10,6 +10,12 @@ of the same parameters: a module's parameter pytree is exactly that of
 ``(kx, ky, kz, in_features, features)``, ``bias`` of shape ``(features,)``,
 same initialisers), so checkpoints do not depend on the backend.
 
+Mixed precision: a module's ``dtype`` is its compute dtype. Parameters stay
+float32 (they are what the optimiser updates and checkpoints hold); with
+``dtype=jnp.bfloat16`` the input, kernel and bias are cast to bfloat16 at the
+call and the convolution runs, and returns, in bfloat16 (on GPU/TPU the
+multiply-adds accumulate in float32 inside the convolution kernel).
+
 Formulations (``impl``):
   * ``native``: one `lax.conv_general_dilated` over (x, y, z).
   * ``depth2d``: ``sum_kz conv2d(shift_z(x, kz), kernel[:, :, kz])``; the
@@ -36,6 +42,7 @@ a shift-and-add, 8x fewer multiply-adds than at full resolution).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -43,6 +50,7 @@ import jax.numpy as jnp
 from jax import lax
 
 IMPLS = ("auto", "native", "depth2d", "depth2d_concat")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 _DN_3D = ("NDHWC", "DHWIO", "NDHWC")
 _DN_2D = ("NHWC", "HWIO", "NHWC")
@@ -201,6 +209,13 @@ def check_impl(impl: str) -> None:
     raise ValueError(f"unknown conv impl {impl!r}; expected one of {IMPLS}")
 
 
+def compute_dtype(name: str) -> jnp.dtype:
+  """The jnp dtype of a `DTYPES` name; raises ValueError for any other."""
+  if name not in DTYPES:
+    raise ValueError(f"unknown compute dtype {name!r}; expected one of {tuple(DTYPES)}")
+  return jnp.dtype(DTYPES[name])
+
+
 def resolve_impl(impl: str) -> str:
   """The concrete formulation for `impl` on the current default backend."""
   check_impl(impl)
@@ -216,28 +231,32 @@ class Conv3D(nn.Module):
     features: output channels.
     kernel_size: window (kx, ky, kz) in voxels.
     impl: one of `IMPLS`; resolved at trace time by `resolve_impl`.
+    dtype: compute dtype (parameters stay float32).
   """
   features: int
   kernel_size: Sequence[int] = (3, 3, 3)
   impl: str = "auto"
+  dtype: Any = jnp.float32
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros_init()
 
   def _params(self, in_features: int) -> tuple[jax.Array, jax.Array]:
-    """The nn.Conv-compatible (kernel, bias) for `in_features` input channels."""
+    """The nn.Conv-compatible float32 (kernel, bias) for `in_features` input
+    channels, cast to the compute dtype."""
     check_impl(self.impl)
     kernel = self.param("kernel", self.kernel_init,
-                        (*self.kernel_size, in_features, self.features))
-    return kernel, self.param("bias", self.bias_init, (self.features,))
+                        (*self.kernel_size, in_features, self.features), jnp.float32)
+    bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+    return kernel.astype(self.dtype), bias.astype(self.dtype)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    """(b, x, y, z, in_features) float32 -> (b, x, y, z, features)."""
+    """(b, x, y, z, in_features) -> (b, x, y, z, features), in ``dtype``."""
     if x.ndim != 5 or len(self.kernel_size) != 3:
       raise ValueError(f"Conv3D expects (b, x, y, z, c) input and a 3D kernel, "
                        f"got input {x.shape} and kernel_size {self.kernel_size}")
     kernel, bias = self._params(x.shape[-1])
-    return _CONV_FNS[resolve_impl(self.impl)](x, kernel) + bias
+    return _CONV_FNS[resolve_impl(self.impl)](x.astype(self.dtype), kernel) + bias
 
 
 class UpConcatConv3D(Conv3D):
@@ -250,12 +269,14 @@ class UpConcatConv3D(Conv3D):
 
   @nn.compact
   def __call__(self, coarse: jax.Array, skip: jax.Array) -> jax.Array:
-    """coarse (b, x/2, y/2, z/2, cu), skip (b, x, y, z, cs) -> (b, x, y, z, features)."""
+    """coarse (b, x/2, y/2, z/2, cu), skip (b, x, y, z, cs) -> (b, x, y, z, features),
+    in ``dtype``."""
     if tuple(self.kernel_size) != (3, 3, 3):
       raise ValueError(f"UpConcatConv3D needs kernel_size (3, 3, 3), got "
                        f"{self.kernel_size}")
     cu = coarse.shape[-1]
     kernel, bias = self._params(cu + skip.shape[-1])
+    coarse, skip = coarse.astype(self.dtype), skip.astype(self.dtype)
     impl = resolve_impl(self.impl)
     if impl == "native":
       x = jnp.concatenate([upsample_2x(coarse), skip], axis=-1)

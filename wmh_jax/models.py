@@ -14,6 +14,14 @@ units, i.e. mL / `config.data.volume_scale_ml`), `seg_logits (b, x, y, z)`
 (strong, joint; the voxel WMH probability is their sigmoid),
 `severity_logits (b, num_severity_classes)` (severity).
 
+Mixed precision (`model.dtype`, issue 20): with "bfloat16" the body's
+convolutions, activations, poolings and concatenations run in bfloat16, while
+parameters, running statistics, head outputs and every reduction (the pooled
+means, the heads' channel dot products, hence volumes and logits) stay
+float32: `FeatureStack.mean` and `.project` upcast each part before reducing.
+The parameter pytree is the same under either dtype, so a checkpoint restores
+under both.
+
 Two recipe options that are not in the paper (each off in the paper recipe,
 see `configs.py`):
   * `norm`: a group or instance normalisation after every convolution of the
@@ -86,15 +94,19 @@ class FeatureStack(NamedTuple):
     return sum(part.shape[-1] for part, _ in self.parts)
 
   def mean(self) -> jax.Array:
-    """The voxel mean of the stacked map, (b, C); upsampling keeps a part's mean."""
-    return jnp.concatenate([part.mean(axis=(1, 2, 3)) for part, _ in self.parts], axis=-1)
+    """The voxel mean of the stacked map, (b, C) float32; upsampling keeps a part's mean."""
+    return jnp.concatenate([part.mean(axis=(1, 2, 3), dtype=jnp.float32)
+                            for part, _ in self.parts], axis=-1)
 
   def project(self, weights: jax.Array) -> jax.Array:
-    """The stacked map times ``weights``: (C,) -> (b, x, y, z); (C, K) -> (b, x, y, z, K)."""
+    """The stacked map times ``weights``: (C,) -> (b, x, y, z); (C, K) -> (b, x, y, z, K).
+
+    Float32 whatever the parts' dtype: each part is upcast before the channel sum.
+    """
     total, start = None, 0
     for part, factor in self.parts:
       channels = part.shape[-1]
-      projected = part @ weights[start:start + channels]
+      projected = part.astype(jnp.float32) @ weights[start:start + channels].astype(jnp.float32)
       start += channels
       if factor == 2:
         projected = (conv.upsample_2x(projected[..., None])[..., 0] if weights.ndim == 1
@@ -113,14 +125,16 @@ class FeatureStack(NamedTuple):
 def normalise(x: jax.Array, norm: str, name: str) -> jax.Array:
   """`norm` over each scan's voxels: none, group (4 groups) or instance.
 
-  (b, x, y, z, c) -> same shape. Per scan, so it does not depend on the batch
-  or on the device count.
+  (b, x, y, z, c) -> same shape and dtype; the statistics are reduced in
+  float32 and the scale and offset are float32 parameters. Per scan, so it
+  does not depend on the batch or on the device count.
   """
   if norm == "none":
     return x
   channels = x.shape[-1]
   groups = channels if norm == "instance" else math.gcd(GROUP_NORM_GROUPS, channels)
-  return nn.GroupNorm(num_groups=groups, name=name)(x)
+  return nn.GroupNorm(num_groups=groups, dtype=x.dtype, param_dtype=jnp.float32,
+                      force_float32_reductions=True, name=name)(x)
 
 
 class Block(nn.Module):
@@ -128,13 +142,16 @@ class Block(nn.Module):
   features: int
   conv_impl: str = "auto"
   norm: str = "none"
+  dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    """(b, x, y, z, c) -> (b, x, y, z, c + features)."""
+    """(b, x, y, z, c) -> (b, x, y, z, c + features), in ``dtype``."""
+    dtype = conv.compute_dtype(self.dtype)
+    x = x.astype(dtype)
     h = x
     for i in range(2):
-      h = conv.Conv3D(self.features, impl=self.conv_impl, name=f"conv_{i}")(h)
+      h = conv.Conv3D(self.features, impl=self.conv_impl, dtype=dtype, name=f"conv_{i}")(h)
       h = nn.relu(normalise(h, self.norm, f"norm_{i}"))
     return jnp.concatenate([x, h], axis=-1)
 
@@ -148,14 +165,18 @@ class UpBlock(nn.Module):
   features: int
   conv_impl: str = "auto"
   norm: str = "none"
+  dtype: str = "float32"
 
   @nn.compact
   def __call__(self, coarse: jax.Array, skip: jax.Array) -> FeatureStack:
     """coarse (b, x/2, y/2, z/2, cu), skip (b, x, y, z, cs) -> the stack of
-    (upsampled coarse, skip, block output): (b, x, y, z, cu + cs + features)."""
-    h = conv.UpConcatConv3D(self.features, impl=self.conv_impl, name="conv_0")(coarse, skip)
+    (upsampled coarse, skip, block output): (b, x, y, z, cu + cs + features), in ``dtype``."""
+    dtype = conv.compute_dtype(self.dtype)
+    coarse, skip = coarse.astype(dtype), skip.astype(dtype)
+    h = conv.UpConcatConv3D(self.features, impl=self.conv_impl, dtype=dtype,
+                            name="conv_0")(coarse, skip)
     h = nn.relu(normalise(h, self.norm, "norm_0"))
-    h = conv.Conv3D(self.features, impl=self.conv_impl, name="conv_1")(h)
+    h = conv.Conv3D(self.features, impl=self.conv_impl, dtype=dtype, name="conv_1")(h)
     h = nn.relu(normalise(h, self.norm, "norm_1"))
     return FeatureStack(((coarse, 2), (skip, 1), (h, 1)))
 
@@ -168,31 +189,33 @@ class UNetBody(nn.Module):
     depth: number of 2x poolings; each spatial dim must divide by 2**depth.
     conv_impl: `conv.Conv3D` formulation.
     norm: normalisation after each convolution (`NORMS`).
+    dtype: compute dtype of every layer, a `conv.DTYPES` name.
   """
   base_filters: int = 32
   depth: int = 2
   conv_impl: str = "auto"
   norm: str = "none"
+  dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> FeatureStack:
-    """(b, x, y, z, c) -> last feature maps F (b, x, y, z, C), as a `FeatureStack`."""
+    """(b, x, y, z, c) -> last feature maps F (b, x, y, z, C) in ``dtype``, as a `FeatureStack`."""
     factor = 2 ** self.depth
     if x.ndim != 5 or any(n % factor for n in x.shape[1:4]):
       raise ValueError(f"input shape {tuple(x.shape)} must be (b, x, y, z, c) "
                        f"with x, y, z divisible by 2**depth = {factor}")
     skips = []
     for level in range(self.depth):
-      x = Block(self.base_filters * 2**level, self.conv_impl, self.norm,
+      x = Block(self.base_filters * 2**level, self.conv_impl, self.norm, self.dtype,
                 name=f"down_{level}")(x)
       skips.append(x)
       x = max_pool_2x(x)
-    x = Block(self.base_filters * 2**self.depth, self.conv_impl, self.norm,
+    x = Block(self.base_filters * 2**self.depth, self.conv_impl, self.norm, self.dtype,
               name="bottom")(x)
     features = FeatureStack.of(x)
     for level in reversed(range(self.depth)):
       coarse = features.materialize()
-      features = UpBlock(self.base_filters * 2**level, self.conv_impl, self.norm,
+      features = UpBlock(self.base_filters * 2**level, self.conv_impl, self.norm, self.dtype,
                          name=f"up_{level}")(coarse, skips[level])
     return features
 
@@ -527,6 +550,7 @@ def volume_head(model_config: ml_collections.ConfigDict) -> str:
 
 def _check(model_config: ml_collections.ConfigDict) -> None:
   conv.check_impl(model_config.conv_impl)
+  conv.compute_dtype(compute_dtype(model_config))
   if model_config.depth < 0 or model_config.base_filters < 1:
     raise ValueError(f"model depth must be >= 0 and base_filters >= 1, got "
                      f"{model_config.depth} and {model_config.base_filters}")
@@ -542,10 +566,16 @@ def _check(model_config: ml_collections.ConfigDict) -> None:
                      f"expected one of {POOLED_NORMS}")
 
 
+def compute_dtype(model_config: ml_collections.ConfigDict) -> str:
+  """The configured compute dtype (`conv.DTYPES`); "float32" for configs written before it."""
+  return model_config.get("dtype", "float32")
+
+
 def body_fields(model_config: ml_collections.ConfigDict) -> dict:
   """The `UNetBody` attributes of ``config.model``."""
   return dict(base_filters=model_config.base_filters, depth=model_config.depth,
-              conv_impl=model_config.conv_impl, norm=model_config.norm)
+              conv_impl=model_config.conv_impl, norm=model_config.norm,
+              dtype=compute_dtype(model_config))
 
 
 def build_model(model_config: ml_collections.ConfigDict, *, voxel_target: float | None = None,
@@ -556,7 +586,7 @@ def build_model(model_config: ml_collections.ConfigDict, *, voxel_target: float 
   Args:
     model_config: `config.model` (kind, base_filters, depth, conv_impl, norm,
       pool_scale, pooled_norm, pooled_norm_momentum, zero_init_volume_head,
-      num_severity_classes, volume_head, count_hidden).
+      num_severity_classes, volume_head, count_hidden, dtype).
     voxel_target: one model-grid voxel in target units, voxel_ml /
       volume_scale_ml (`data.records.voxel_target`); required by
       `volume_head="count"`, which sums voxel fractions times it.
