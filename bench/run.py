@@ -42,7 +42,7 @@ from pathlib import Path
 import jax
 
 from bench import host, report, training
-from wmh_jax import configs, host_devices
+from wmh_jax import configs, host_devices, throughput
 
 DEFAULT_OUT = Path("bench/results.md")
 TRAIN_HEADERS = ("grid, filters", "model", "framework", "params", "s/step (median)",
@@ -144,12 +144,12 @@ def _peak_cell(result: training.StepResult, device_kind: str,
   """(achieved TFLOP/s, share of the device's peaks) cells of one row.
 
   The peaks are the chip's published ones, or on a CPU the measured float32
-  matmul throughput (:func:`bench.training.measured_matmul_peak_tflops`).
+  matmul throughput (:func:`wmh_jax.throughput.measured_matmul_peak_tflops`).
   """
   if result.flops is None:
     return "—", "—"
   achieved = result.flops / result.median_s / 1e12
-  peaks = training.peak_tflops(device_kind)
+  peaks = throughput.peak_tflops(device_kind)
   if peaks is None and cpu_peak_tflops:
     peaks = {"measured fp32 matmul": cpu_peak_tflops}
   if peaks is None:
@@ -197,7 +197,7 @@ class Suite:
     self.args = args
     self.out: Path = args.out
     self.report = report.Report("wmh-jax benchmark", environment(argv))
-    self.cpu_peak_tflops = (training.measured_matmul_peak_tflops()
+    self.cpu_peak_tflops = (throughput.measured_matmul_peak_tflops(n=2048)
                             if jax.default_backend() == "cpu" else None)
     if self.cpu_peak_tflops:
       self.report.preamble.append(

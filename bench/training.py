@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from bench import report
-from wmh_jax import configs, conv, models, sharding, train
+from wmh_jax import configs, conv, models, sharding, throughput, train
 
 BATCH = 4
 # Named grids: "cpu" is the CPU-demo variant (56x64x16, 8 base filters),
@@ -32,21 +32,6 @@ BATCH = 4
 SHAPES = {"cpu": "cpu", "paper": None}
 TORCH_FORMATS = ("channels_last_3d", "contiguous")
 
-# Dense peak TFLOP/s per chip by device_kind substring (first match wins):
-# (bf16, tf32, fp32). None where the chip has no such figure.
-PEAK_TFLOPS: tuple[tuple[str, tuple[float | None, float | None, float | None]], ...] = (
-    ("h100 pcie", (756.0, 378.0, 51.0)),
-    ("h100", (989.4, 494.7, 66.9)),       # SXM
-    ("h200", (989.4, 494.7, 66.9)),
-    ("gh200", (989.4, 494.7, 66.9)),
-    ("a100", (312.0, 156.0, 19.5)),
-    ("l4", (121.0, 60.0, 30.3)),
-    ("tpu v6 lite", (918.0, None, None)),
-    ("tpu v5 lite", (197.0, None, None)),
-    ("tpu v5", (459.0, None, None)),      # v5p
-    ("tpu v4", (275.0, None, None)),
-)
-PEAK_NAMES = ("bf16", "tf32", "fp32")
 
 
 def bench_config(kind: str, shape_name: str) -> ml_collections.ConfigDict:
@@ -126,42 +111,6 @@ class StepResult:
     return BATCH / self.median_s
 
 
-def _cost_flops(compiled: Any) -> float | None:
-  """FLOPs from ``compiled.cost_analysis()`` (a dict, or a list of one dict)."""
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else None
-  flops = (analysis or {}).get("flops")
-  return float(flops) if flops and flops > 0 else None
-
-
-def peak_tflops(device_kind: str) -> dict[str, float] | None:
-  """Dense peak TFLOP/s of a chip ({'bf16': .., 'tf32': .., 'fp32': ..}), None if unknown."""
-  kind = device_kind.lower()
-  for key, peaks in PEAK_TFLOPS:
-    if key in kind:
-      return {name: value for name, value in zip(PEAK_NAMES, peaks) if value is not None}
-  return None
-
-
-def measured_matmul_peak_tflops(n: int = 2048, repeats: int = 5) -> float:
-  """Float32 matmul throughput of the default JAX device (all its cores), TFLOP/s.
-
-  The roofline's compute ceiling where no published peak applies (CPUs): the
-  median of ``repeats`` timed ``(n, n) @ (n, n)`` products (``2 n^3`` FLOPs)
-  after one warm-up.
-  """
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  matmul = jax.jit(lambda x: x @ x)
-  jax.block_until_ready(matmul(a))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(matmul(a))
-    times.append(time.perf_counter() - start)
-  return 2.0 * n**3 / float(np.median(times)) / 1e12
-
-
 # Length of the learning-rate schedule of a timed step (it only has to exceed the steps timed).
 BENCH_SCHEDULE_STEPS = 1000
 
@@ -193,7 +142,7 @@ class JaxStep:
     start = time.perf_counter()
     self.compiled = step.lower(self.state, self.batch).compile()
     self.compile_s = time.perf_counter() - start
-    flops = _cost_flops(self.compiled)  # of one device's shard of the step
+    flops = throughput.compiled_flops(self.compiled)  # of one device's shard of the step
     self.flops = flops * num_devices if flops else None
     memory = self.compiled.memory_analysis()
     self.temp_bytes = int(memory.temp_size_in_bytes) if memory is not None else None

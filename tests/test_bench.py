@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from bench import profile, report, run, training
-from wmh_jax import models
+from wmh_jax import models, throughput
 
 TINY_SHAPE = (16, 16, 8)
 
@@ -193,14 +193,14 @@ def test_parse_args():
 
 
 def test_peak_table():
-  assert training.peak_tflops("NVIDIA H200")["bf16"] == pytest.approx(989.4)
-  assert training.peak_tflops("NVIDIA H100 PCIe")["bf16"] == pytest.approx(756.0)
-  assert training.peak_tflops("TPU v5 lite") == {"bf16": 197.0}
-  assert training.peak_tflops("cpu") is None
+  assert throughput.peak_tflops("NVIDIA H200")["bf16"] == pytest.approx(989.4)
+  assert throughput.peak_tflops("NVIDIA H100 PCIe")["bf16"] == pytest.approx(756.0)
+  assert throughput.peak_tflops("TPU v5 lite") == {"bf16": 197.0}
+  assert throughput.peak_tflops("cpu") is None
 
 
 def test_roofline_cells_use_the_measured_cpu_peak():
-  peak = training.measured_matmul_peak_tflops(n=128, repeats=2)
+  peak = throughput.measured_matmul_peak_tflops(n=128, repeats=2)
   assert peak > 0
   result = training.StepResult(framework="JAX", kind="weak", shape=(8, 8, 4), base_filters=2,
                                params=10, output_shapes={}, warmup_s=1.0, times_s=[0.5, 0.5],

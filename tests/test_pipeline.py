@@ -140,6 +140,20 @@ def test_worker_count_does_not_change_batches(records):
     iterator.close()
 
 
+def test_default_worker_count_is_the_free_cores(monkeypatch):
+  loader = configs.get_config().loader
+  assert loader.worker_count == -1
+  monkeypatch.setattr(pipeline, "available_cores", lambda: 16)
+  assert pipeline.worker_count(loader) == 15
+  monkeypatch.setattr(pipeline, "available_cores", lambda: 1)
+  assert pipeline.worker_count(loader) == 1
+  loader.worker_count = 0
+  assert pipeline.worker_count(loader) == 0
+  loader.worker_count = -2
+  with pytest.raises(ValueError, match="worker_count=-2"):
+    pipeline.worker_count(loader)
+
+
 @pytest.mark.parametrize("worker_count", [0, 2])
 def test_restored_state_continues_identically(records, worker_count):
   iterator = pipeline.make_train_iterator(records, _config(worker_count), SEED,

@@ -19,7 +19,7 @@ import pytest
 import poison
 import tiny_data
 from tolerances import bfloat16_rtol, float32_rtol
-from wmh_jax import checkpoint, configs, inference, models, refit, sharding, train
+from wmh_jax import checkpoint, configs, inference, models, refit, sharding, throughput, train
 from wmh_jax.data import pipeline, records
 from wmh_jax.errors import CheckpointError, TrainingError
 
@@ -118,6 +118,42 @@ def one_epoch(dataset, tmp_path_factory):
   state, metrics = train.run(tiny_data.tiny_config(manifest, cache), workdir)
   assert np.isfinite(metrics["val_icc"])
   return jax.tree.map(np.asarray, state), workdir
+
+
+def test_timing_log_gives_throughput_of_the_compiled_step(one_epoch):
+  """timing.jsonl: every interval's scans/s, voxels/s, TFLOP/s and MFU follow from its step
+  time and the compiled step's cost; the session ends with a summary record."""
+  _, workdir = one_epoch
+  lines = [json.loads(line) for line in (workdir / "timing.jsonl").read_text().splitlines()]
+  intervals = [r for r in lines if "step_time_s" in r]
+  assert len(intervals) >= 2
+  voxels = 16 * 16 * 8
+  for record in intervals:
+    assert record["scans_per_s"] == pytest.approx(4 / record["step_time_s"])
+    assert record["voxels_per_s"] == pytest.approx(4 * voxels / record["step_time_s"])
+    assert record["tflops_per_device"] > 0 and 0 < record["mfu"] < 1
+  (summary,) = [r for r in lines if r.get("summary")]
+  assert summary["peak"] == "measured CPU fp32 matmul" and summary["peak_tflops"] > 0
+  assert summary["scans_per_s"] == pytest.approx(4 / summary["median_step_time_s"])
+  # FLOPs per step are the same in every interval: TFLOP/s x time is constant.
+  flops = [r["tflops_per_device"] * r["step_time_s"] for r in intervals]
+  np.testing.assert_allclose(flops, flops[0], rtol=1e-9)
+
+
+def test_step_peak_picks_the_arithmetic_of_the_compute_dtype():
+  class Device:  # pylint: disable=too-few-public-methods
+    def __init__(self, platform, device_kind):
+      self.platform, self.device_kind = platform, device_kind
+  h100 = Device("gpu", "NVIDIA H100 80GB HBM3")
+  assert throughput.step_peak(h100, "bfloat16", 2) == ("NVIDIA H100 80GB HBM3 bf16 peak",
+                                                       2 * 989.4)
+  assert throughput.step_peak(h100, "float32", 1)[1] == 494.7  # XLA's default: TF32
+  assert throughput.step_peak(Device("tpu", "TPU v4"), "float32", 4)[1] == 4 * 275.0
+  assert throughput.step_peak(Device("gpu", "Some GPU"), "float32", 1)[1] is None
+  cost = throughput.StepCost(batch_size=4, voxels_per_scan=1000, num_devices=2, flops=8e12,
+                             peak_name="x", peak_tflops=20.0)
+  assert cost.rates(2.0) == {"scans_per_s": 2.0, "voxels_per_s": 2000.0,
+                             "tflops_per_device": 2.0, "mfu": 0.2}
 
 
 def test_resume_matches_uninterrupted(dataset, one_epoch, tmp_path):

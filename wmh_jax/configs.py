@@ -113,7 +113,9 @@ def get_config(arg: str | None = None, recipe: dict | None = None) -> ml_collect
 
   # ---- input pipeline ---------------------------------------------------------
   config.loader = ml_collections.ConfigDict()
-  config.loader.worker_count = 2
+  # Grain worker processes: -1 = the host's cores left after the main process
+  # (pipeline.worker_count), 0 = augment in the main process.
+  config.loader.worker_count = -1
   config.loader.worker_buffer_size = 2
 
   # ---- losses -----------------------------------------------------------------

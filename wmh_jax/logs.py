@@ -2,7 +2,10 @@
 
 ``metrics.jsonl`` holds only deterministic values (losses, validation
 scores), so two runs with one seed write identical files; wall-clock figures
-go to ``timing.jsonl``. TensorBoard event files are written with tensorboardX,
+go to ``timing.jsonl``: per logging interval ``step_time_s``, ``data_wait_s``
+and the rates of `wmh_jax.throughput` (``scans_per_s``, ``voxels_per_s``,
+``tflops_per_device``, ``mfu``), then at the end of a session one record with
+``compile_s`` and the medians (``"summary": true``). TensorBoard event files are written with tensorboardX,
 without TensorFlow. Only process 0 writes. :func:`validation_records` reads
 the validation records back (learning curves).
 """
@@ -17,7 +20,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from wmh_jax import fileio
+from wmh_jax import fileio, throughput
 
 
 def _step_of(line: str) -> int | None:
@@ -68,13 +71,15 @@ class MetricLogger:
   brings every pending step to the host in one transfer (the only host-device
   sync of the loop outside validation), and :meth:`write_steps` writes them.
   Timing is per interval between writes: wall time over steps, and the time
-  spent waiting for data.
+  spent waiting for data; with ``cost`` (the step's `throughput.StepCost`, set
+  once the step is compiled) also scans/s, voxels/s, TFLOP/s per device and MFU.
   """
 
   def __init__(self, workdir: Path, *, start_step: int, total_steps: int, batch_size: int):
     self.enabled = jax.process_index() == 0
     self.batch_size = batch_size
     self.compile_s: float | None = None
+    self.cost: throughput.StepCost | None = None
     self.intervals: list[dict[str, float]] = []
     self._pending: list[tuple[int, dict]] = []
     self._wait_s = 0.0
@@ -128,9 +133,10 @@ class MetricLogger:
     """Writes fetched step records and the timing of the interval they close."""
     if self._clock_steps:
       steps = self._clock_steps
+      step_time_s = (time.perf_counter() - self._clock) / steps
       interval = {"step": records[-1]["step"] if records else 0, "steps": steps,
-                  "step_time_s": (time.perf_counter() - self._clock) / steps,
-                  "data_wait_s": self._wait_s / steps}
+                  "step_time_s": step_time_s, "data_wait_s": self._wait_s / steps,
+                  **(self.cost.rates(step_time_s) if self.cost else {})}
       self.intervals.append(interval)
       self._clock, self._clock_steps, self._wait_s = time.perf_counter(), 0, 0.0
       if self.enabled and records:
@@ -144,7 +150,7 @@ class MetricLogger:
           self.tb.add_scalar(f"train/{key}", value, record["step"])
     last = self.intervals[-1]["step_time_s"] if self.intervals else float("nan")
     self.bar.set_postfix(loss=f"{records[-1]['loss']:.4g}",
-                         vol_s=f"{self.batch_size / max(last, 1e-9):.2f}")
+                         scans_s=f"{self.batch_size / max(last, 1e-9):.3g}")
 
   def log_eval(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
     """Records one validation pass: one line for the user."""
@@ -157,15 +163,18 @@ class MetricLogger:
                    ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
   def timing_summary(self) -> dict[str, float]:
-    """Median step time (s) and data-wait share over this session's intervals (first excluded)."""
+    """Median step time (s), data-wait share and the rates at the median step time
+    (`throughput.StepCost.rates`), over this session's intervals (first excluded)."""
     intervals = self.intervals[1:]
     if not intervals:
       return {}
     times = np.array([i["step_time_s"] for i in intervals])
     weights = np.array([i["steps"] for i in intervals], np.float64)
     waits = np.array([i["data_wait_s"] for i in intervals])
-    return {"median_step_time_s": float(np.median(times)),
-            "data_wait_share": float((waits * weights).sum() / (times * weights).sum())}
+    median = float(np.median(times))
+    return {"median_step_time_s": median,
+            "data_wait_share": float((waits * weights).sum() / (times * weights).sum()),
+            **(self.cost.rates(median) if self.cost else {})}
 
   def close(self) -> None:
     """Closes the bar and prints one summary line: steps, time, data wait, compile."""
@@ -178,11 +187,26 @@ class MetricLogger:
     if timing:
       parts.append(f"median {timing['median_step_time_s']:.3f} s/step, data wait "
                    f"{100 * timing['data_wait_share']:.1f}% of step time")
+      parts.append(self._rates_text(timing))
     if self.compile_s is not None:
       parts.append(f"train step compiled (or loaded from the XLA cache) in {self.compile_s:.1f} s")
-      last_step = self.intervals[-1]["step"] if self.intervals else 0
-      self._append(self.timing_path, [{"step": last_step, "compile_s": self.compile_s}])
     elif self.intervals:
       parts.append("train step compilation reused")
+    if timing or self.compile_s is not None:
+      last_step = self.intervals[-1]["step"] if self.intervals else 0
+      summary = {"step": last_step, "summary": True, **timing,
+                 **({"compile_s": self.compile_s} if self.compile_s is not None else {}),
+                 **({"peak": self.cost.peak_name, "peak_tflops": self.cost.peak_tflops,
+                     "num_devices": self.cost.num_devices} if self.cost else {})}
+      self._append(self.timing_path, [summary])
     if parts:
       print(f"{self.workdir.name}: " + "; ".join(parts), flush=True)
+
+  def _rates_text(self, timing: dict[str, float]) -> str:
+    """``"1.2 scans/s, 3.4 M voxels/s, 0.05 TFLOP/s per device, MFU 12.3% of <peak>"``."""
+    text = f"{timing['scans_per_s']:.3g} scans/s, {timing['voxels_per_s'] / 1e6:.3g} M voxels/s"
+    if "tflops_per_device" in timing:
+      text += f", {timing['tflops_per_device']:.3g} TFLOP/s per device"
+    if "mfu" in timing:
+      text += f", MFU {100 * timing['mfu']:.1f}% of {self.cost.peak_name}"
+    return text

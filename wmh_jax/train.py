@@ -23,7 +23,8 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from wmh_jax import checkpoint, configs, fileio, inference, losses, models, refit, sharding
+from wmh_jax import (checkpoint, configs, fileio, inference, losses, models, refit, sharding,
+                     throughput)
 from wmh_jax.data import pipeline, records as records_lib
 from wmh_jax.errors import CheckpointError, TrainingError
 from wmh_jax.evaluation import metrics as metrics_lib
@@ -192,6 +193,7 @@ class Programs:
   step: Callable
   forward: inference.ForwardFn
   compiled_step: Any = None
+  cost: throughput.StepCost | None = None
 
 
 _PROGRAMS: dict[str, Programs] = {}  # one entry: the setting of the current sweep
@@ -216,13 +218,23 @@ def programs_for(config: ml_collections.ConfigDict, inits: dict[str, float], mes
   return _PROGRAMS[key]
 
 
-def compile_step(programs: Programs, state: State, batch: dict) -> float | None:
-  """Compiles the train step for these shapes once; returns the seconds, None if reused."""
+def compile_step(programs: Programs, state: State, batch: dict,
+                 config: ml_collections.ConfigDict, mesh: Mesh) -> float | None:
+  """Compiles the train step for these shapes once; returns the seconds, None if reused.
+
+  Also sets ``programs.cost``, the step's FLOPs and the devices' peak
+  (`throughput.step_cost`), from which the logs give scans/s, voxels/s and MFU.
+  """
   if programs.compiled_step is not None:
     return None
   start = time.perf_counter()
   programs.compiled_step = programs.step.lower(state, batch).compile()
-  return time.perf_counter() - start
+  seconds = time.perf_counter() - start
+  programs.cost = throughput.step_cost(
+      programs.compiled_step, batch_size=config.train.batch_size,
+      voxels_per_scan=int(np.prod([int(s) for s in config.data.shape])),
+      num_devices=mesh.size, dtype=models.compute_dtype(config.model))
+  return seconds
 
 
 REFIT_MODES = ("none", "epoch", "end")
@@ -353,8 +365,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[State, 
         batch = next(data_iter)
         logger.add_data_wait(time.perf_counter() - wait_start)
         if programs.compiled_step is None:
-          logger.compile_s = compile_step(programs, state, batch)
+          logger.compile_s = compile_step(programs, state, batch, config, mesh)
           logger.restart_clock()
+        logger.cost = programs.cost
         state, step_metrics = programs.compiled_step(state, batch)
         logger.add_step(step + 1, step_metrics)
         stop = preemption.reached(step + 1)

@@ -4,7 +4,7 @@ Training stream (one process or many)::
 
   source (reads .npz) → seed(seed) → shuffle (reshuffled every epoch) → repeat
     → augment (rng from seed, record index, epoch) → batch(b) → [p::P]
-    → to_iter_dataset → mp_prefetch (when loader.worker_count > 0)
+    → to_iter_dataset → mp_prefetch (with worker processes, :func:`worker_count`)
 
 The stream of records is the same for every process; it is cut into
 sub-batches of ``b = B / P`` rows and process ``p`` takes sub-batches ``p, p+P,
@@ -25,6 +25,7 @@ Batches are dicts of numpy arrays:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 
 import grain
@@ -119,6 +120,30 @@ class AugmentRecord(grain.transforms.MapWithIndex):
             "severity": element["severity"], "has_mask": element["has_mask"]}
 
 
+def available_cores() -> int:
+  """CPU cores this process may run on (its affinity mask where the OS has one)."""
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
+def worker_count(config_loader: ml_collections.ConfigDict) -> int:
+  """Grain worker processes for ``loader.worker_count``.
+
+  -1 (the default) gives the cores left after the main process, at least 1:
+  one worker per free core. The host must feed every local accelerator, and a
+  worker augments ~80 image+mask pairs/s at the paper grid (``bench.loader``).
+  0 augments in the main process; a positive value is used as given.
+
+  Raises:
+    ValueError: a value below -1.
+  """
+  count = int(config_loader.worker_count)
+  if count < -1:
+    raise ValueError(f"loader.worker_count={count}; use -1 (auto), 0 (in-process) or > 0")
+  return max(available_cores() - 1, 1) if count == -1 else count
+
+
 def make_train_iterator(records: Sequence[dict], config: ml_collections.ConfigDict,
                         seed: int, process_index: int = 0, process_count: int = 1, *,
                         batch_size_per_process: int) -> grain.DatasetIterator:
@@ -127,9 +152,10 @@ def make_train_iterator(records: Sequence[dict], config: ml_collections.ConfigDi
   Args:
     records: cached records (:func:`wmh_jax.data.cache.preprocessed_records`),
       the same list on every process.
-    config: uses ``config.augment`` and ``config.loader`` (``worker_count``: 0 =
-      in-process, else Grain worker processes, which need the caller's absl
-      flags parsed; ``worker_buffer_size``: batches buffered per worker).
+    config: uses ``config.augment`` and ``config.loader`` (``worker_count``,
+      :func:`worker_count`: 0 = in-process, else Grain worker processes, which
+      need the caller's absl flags parsed; ``worker_buffer_size``: batches
+      buffered per worker).
     seed: run seed in ``[0, 2**32)``; fixes the shuffles and augmentations.
     process_index: this JAX process.
     process_count: number of JAX processes.
@@ -149,13 +175,14 @@ def make_train_iterator(records: Sequence[dict], config: ml_collections.ConfigDi
   buffer = max(1, int(config.loader.worker_buffer_size))
   iter_dataset = dataset.to_iter_dataset(
       grain.ReadOptions(num_threads=1, prefetch_buffer_size=buffer))
-  if config.loader.worker_count > 0:
+  workers = worker_count(config.loader)
+  if workers > 0:
     if not flags.FLAGS.is_parsed():  # Grain reads its absl flags when it starts workers
       raise ValueError("loader.worker_count > 0 needs parsed absl flags: run under "
                        "absl.app.run (python -m wmh_jax.main does), call "
                        "absl.flags.FLAGS.mark_as_parsed() first, or set loader.worker_count=0")
     iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=int(config.loader.worker_count), per_worker_buffer_size=buffer))
+        num_workers=workers, per_worker_buffer_size=buffer))
   return iter(iter_dataset)
 
 
