@@ -205,3 +205,28 @@ def test_eval_batches_are_padded_and_unaugmented(records):
   np.testing.assert_array_equal(batches[1]["volume_ml"], np.float32(expected_ml))
   assert batches[0]["image"].shape == (3, 16, 16, 8, 1)
   assert batches[0]["severity"].dtype == np.int32
+
+
+def test_on_device_augmentation_equals_the_host_path(records):
+  """``augment.on_device``: the loader ships each draw's matrix with the untransformed scan;
+  `device_augment.augment_batch` (jit) then gives the host path's batches, labels included."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from wmh_jax.data import device_augment  # pylint: disable=import-outside-toplevel
+  host = _take(pipeline.make_train_iterator(records, _config(), SEED,
+                                            batch_size_per_process=4), 4)
+  config = _config()
+  config.augment.on_device = True
+  shipped = _take(pipeline.make_train_iterator(records, config, SEED,
+                                               batch_size_per_process=4), 4)
+  voxel_ml = float(np.prod(SPEC.spacing_mm)) / 1000.0
+  augment_batch = jax.jit(device_augment.augment_batch, static_argnums=1)
+  for expected, raw in zip(host, shipped):
+    assert raw["affine"].shape == (4, 4, 4) and raw["affine"].dtype == np.float32
+    moved = jax.tree.map(np.asarray, augment_batch(raw, voxel_ml))
+    assert moved.keys() == expected.keys()
+    # Float32 coordinates against float64 ones (test_augment derives the bound); images <= 2.
+    np.testing.assert_allclose(moved["image"], expected["image"], rtol=0, atol=1e-4)
+    assert np.count_nonzero(moved["mask"] != expected["mask"]) <= 2 * len(raw["affine"])
+    np.testing.assert_allclose(moved["volume_ml"], expected["volume_ml"], rtol=1e-6)
+    for key in ("severity", "has_mask"):
+      np.testing.assert_array_equal(moved[key], expected[key])

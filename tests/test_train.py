@@ -110,6 +110,26 @@ def test_one_bfloat16_step_matches_float32(kind):
   assert error <= bfloat16_rtol(2 * convs), error
 
 
+def test_on_device_augmentation_in_the_train_step(dataset):
+  """The train step resamples an ``affine`` batch itself: same metrics as the host path."""
+  manifest, cache = dataset
+  mesh = jax.make_mesh((1,), (sharding.DATA_AXIS,), devices=jax.devices()[:1])
+  metrics = {}
+  for on_device in (False, True):
+    config = tiny_data.tiny_config(manifest, cache)
+    config.augment.update(on_device=on_device, rotate_deg=30.0, translate_fraction=0.1)
+    recs = records.split_records(records.load_records(manifest, config))["train"]
+    batch = next(pipeline.make_train_iterator(recs, config, 0, batch_size_per_process=4))
+    assert ("affine" in batch) == on_device
+    model = models.build_model(config.model, axis_name=sharding.DATA_AXIS)
+    optimizer = optax.sgd(0.0)
+    state = train.make_init(model, optimizer, mesh, tuple(config.data.shape))(0)
+    _, metrics[on_device] = train.make_train_step(model, config, optimizer, mesh)(
+        state, sharding.global_batch(batch, mesh))
+  for key, value in metrics[False].items():  # interpolation rounding only (test_augment)
+    np.testing.assert_allclose(float(metrics[True][key]), float(value), rtol=1e-4, err_msg=key)
+
+
 @pytest.fixture(scope="module")
 def one_epoch(dataset, tmp_path_factory):
   """A finished 1-epoch run shared by the tests below: (final state, workdir)."""

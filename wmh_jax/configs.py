@@ -92,6 +92,9 @@ def get_config(arg: str | None = None, recipe: dict | None = None) -> ml_collect
   config.augment.translate_fraction = 0.2   # uniform ±0.2 of each axis length
   config.augment.rotate_deg = 54.0          # in-plane (about z), uniform ±54°
   config.augment.flip_axes = (0,)           # left-right flip with p=0.5
+  # Resample on the accelerator inside the train step (data/device_augment.py); the host
+  # still draws every matrix. For hosts whose cores cannot feed their devices.
+  config.augment.on_device = False
   # Domain randomisation (issue 15, wmh_jax/data/domain.py): a random scanner
   # per sample, image only (mask and volume label unchanged). Independent of
   # ``augment.enabled``, which switches the geometric part.

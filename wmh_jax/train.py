@@ -25,7 +25,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from wmh_jax import (checkpoint, configs, fileio, inference, losses, models, refit, sharding,
                      throughput)
-from wmh_jax.data import pipeline, records as records_lib
+from wmh_jax.data import device_augment, pipeline, records as records_lib
 from wmh_jax.errors import CheckpointError, TrainingError
 from wmh_jax.evaluation import metrics as metrics_lib
 from wmh_jax.logs import MetricLogger
@@ -97,12 +97,17 @@ def make_train_step(model, config: ml_collections.ConfigDict,
   Each device computes its rows' part of the global-batch loss
   (``losses.loss_fn`` with ``axis_name``) and its gradient; ``lax.psum`` over
   ``"data"`` completes the gradient. Running statistics (``batch_stats``)
-  average their batch moments over ``"data"`` inside the model.
+  average their batch moments over ``"data"`` inside the model. A batch
+  with ``affine`` (``augment.on_device``) is first resampled on the device
+  (`device_augment.augment_batch`).
   """
   kind = config.model.kind
   axis = sharding.DATA_AXIS
+  voxel_ml = records_lib.voxel_ml(config)
 
   def per_device(state: State, batch: dict) -> tuple[State, dict]:
+    if "affine" in batch:
+      batch = device_augment.augment_batch(batch, voxel_ml)
     def loss_of(params):
       variables = {**model_variables(state), "params": params}
       outputs, updated = model.apply(variables, batch["image"], train=True,

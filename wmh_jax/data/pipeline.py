@@ -21,6 +21,10 @@ Batches are dicts of numpy arrays:
     a mask, else the record's ``wmh_volume_ml``.
   severity: int32 ``(b,)``, -1 when unknown.
   has_mask: float32 ``(b,)`` in {0, 1}.
+  affine: float32 ``(b, 4, 4)``, only with ``augment.on_device``: each row's
+    drawn pull matrix; image and mask are then untransformed (and
+    ``volume_ml`` is the record's), and the train step resamples them
+    (`wmh_jax.data.device_augment`).
 """
 
 from __future__ import annotations
@@ -88,7 +92,9 @@ class AugmentRecord(grain.transforms.MapWithIndex):
   (``index // num_records``); the random draw comes from
   :func:`record_rng`. Records without a mask keep their brain in the field of
   view (their volume label must stay valid); records with a mask get their
-  label recomputed from the transformed mask. With ``augment.domain.enabled``
+  label recomputed from the transformed mask. With ``augment.on_device`` the
+  drawn matrix is returned as ``affine`` instead of being applied (the train
+  step applies it, `wmh_jax.data.device_augment`). With ``augment.domain.enabled``
   the image first goes through :func:`wmh_jax.data.domain.randomise` (its
   own generator, :func:`wmh_jax.data.domain.domain_rng`; image only).
   """
@@ -112,6 +118,10 @@ class AugmentRecord(grain.transforms.MapWithIndex):
       rng = record_rng(self._seed, element["record_index"], epoch)
       matrix = augment.sample_affine(rng, image.shape, element["spacing_mm"], self._augment,
                                      keep_in_fov=None if has_mask else element["brain"])
+      if self._augment.get("on_device", False):
+        return {"image": image[..., None], "mask": mask[..., None], "volume_ml": volume_ml,
+                "severity": element["severity"], "has_mask": element["has_mask"],
+                "affine": matrix.astype(np.float32)}
       image, moved = augment.apply_affine(image, mask if has_mask else None, matrix)
       mask = moved if has_mask else mask
     if has_mask:
