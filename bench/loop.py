@@ -30,7 +30,7 @@ from pathlib import Path
 from absl import flags
 
 from bench import report
-from wmh_jax import study, train
+from wmh_jax import configs, train
 
 MODES = {"sync": {"train.log_every_steps": 1, "train.prefetch_batches": 0},
          "async": {"train.log_every_steps": 10, "train.prefetch_batches": 2}}
@@ -46,7 +46,7 @@ def main() -> None:
   with tempfile.TemporaryDirectory(prefix="wmh_bench_loop_") as root:
     for repeat in range(args.repeats):
       for mode, fields in MODES.items():
-        config = study.load_config_file(args.config)
+        config = configs.load_config_file(args.config)
         config.train.num_epochs = 1
         for field, value in fields.items():
           section, name = field.split(".")

@@ -130,12 +130,12 @@ def test_study_config_files():
   assert list(specs) == ["weak", "strong", "joint", "severity"]
   assert tuple(config.seeds) == (0, 1, 2)
   for name, spec in specs.items():
-    experiment = study_lib.load_config_file(spec)
+    experiment = configs.load_config_file(spec)
     assert experiment.model.kind == name and experiment.data.shape == (56, 64, 16)
   with pytest.raises(WMHError, match="not found"):
-    study_lib.load_config_file(f"{REPO / 'experiments' / 'nope.py'}:cpu")
+    configs.load_config_file(f"{REPO / 'experiments' / 'nope.py'}:cpu")
   with pytest.raises(WMHError, match=r"unknown config argument\(s\) \['gpu'\]"):
-    study_lib.load_config_file(f"{REPO / 'experiments' / 'weak.py'}:gpu")
+    configs.load_config_file(f"{REPO / 'experiments' / 'weak.py'}:gpu")
   for bad in (("weak.py",), ("a=x.py", "a=y.py")):
     config.experiments = bad
     with pytest.raises(WMHError, match="config.experiments"):

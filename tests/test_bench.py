@@ -7,6 +7,7 @@ No test here asserts a time. The PyTorch tests skip when the optional
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -233,3 +234,20 @@ def test_read_data_wait_weights_log_intervals_by_their_steps(tmp_path):
   assert wait.steps == 13
   assert wait.median_step_s == pytest.approx(1.0)
   assert wait.wait_share == pytest.approx((10 * 0.1 + 3 * 0.4) / (10 * 1.0 + 3 * 2.0))
+
+
+def test_device_benchmark_smoke_fills_every_section(tmp_path):
+  """``python -m bench.device --smoke``: the accelerator benchmark's whole code path on CPU."""
+  from bench import device  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "results_gpu.md"
+  device.run(out, smoke=True, scans=0, repeats=0, train_seconds=0.0, train_dtype="bfloat16",
+             workdir=tmp_path / "work")
+  text = out.read_text()
+  assert "SMOKE RUN" in text and "cohort: 12 local scans" in text and "wall time" in text
+  steps = [line for line in text.splitlines() if line.startswith(("| weak |", "| strong |"))]
+  settings = {tuple(cell.strip() for cell in line.split("|")[1:4]) for line in steps}
+  assert {("weak", "float32", "4"), ("weak", "float32", "8")} <= settings
+  assert "measured CPU fp32 matmul" in text and "failed" not in text
+  assert "## Training loader at 16x16x8" in text and "| 1 |" in text
+  runs = [line for line in steps if "| bfloat16 | 1 | " in line]
+  assert len(runs) == 2 and all(re.search(r"1: -?\d\.\d{3}", line) for line in runs), runs

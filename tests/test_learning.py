@@ -4,7 +4,7 @@ The task (`_blob_task`): 16x16x8 scans of noise with 0-5 bright blobs of
 random radius; the mask is the blobs, the weak label their volume, the
 severity class the volume quintile. With the shipped recipe (each kind's
 `experiments/<kind>.py`, a tiny network and a higher learning rate for
-few steps), in float32 and in bfloat16 compute, the fitted set must reach:
+few steps; the joint net also in bfloat16 compute), the fitted set must reach:
 
 * strong: mean Dice >= 0.9 (probability >= 0.5);
 * weak: ICC(2,1) >= 0.95 of the fitted volumes;
@@ -152,8 +152,9 @@ def test_collapsed_outputs_fail_the_thresholds():
 @pytest.mark.parametrize("kind,head,dtype", [
     ("strong", None, "float32"), ("weak", "gap", "float32"), ("weak", "count", "float32"),
     ("joint", "gap", "float32"), ("severity", None, "float32"),
-    # Mixed precision changes only the body's arithmetic, shared by every kind.
-    ("strong", None, "bfloat16"), ("weak", "gap", "bfloat16"), ("joint", "gap", "bfloat16")])
+    # Mixed precision changes only the body's arithmetic, shared by every kind; the joint
+    # net has both heads (the one-step comparison of every kind is in test_train.py).
+    ("joint", "gap", "bfloat16")])
 def test_recipe_fits_blob_task(kind, head, dtype):
   overrides = {"model.dtype": dtype, **({"model.volume_head": head} if head else {})}
   scores = fit(kind, overrides=overrides)

@@ -74,7 +74,7 @@ def test_adadelta_paper_values_decrease_loss(dataset):
   assert losses[-1] < losses[0], losses
 
 
-@pytest.mark.parametrize("kind", ["weak", "strong", "joint", "severity"])
+@pytest.mark.parametrize("kind", ["joint", "severity"])  # joint: both the weak and strong heads
 def test_one_bfloat16_step_matches_float32(kind):
   """One train step in bfloat16 compute against float32: same loss and gradient, within
   `bfloat16_rtol`; parameters, optimizer state and statistics stay float32.

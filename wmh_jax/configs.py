@@ -15,9 +15,13 @@ file takes an argument of comma-separated flags
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import ml_collections
+
+from wmh_jax.errors import WMHError
 
 FLAGS = ("cpu", "paper", "domain")
 
@@ -160,6 +164,29 @@ def get_config(arg: str | None = None, recipe: dict | None = None) -> ml_collect
 # change the arithmetic).
 RUNTIME_FIELDS = ("train.log_every_steps", "train.prefetch_batches", "train.checkpoint_keep",
                   "loader.worker_count", "loader.worker_buffer_size")
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """``"experiments/weak.py:cpu"`` → that file's ``get_config("cpu")``.
+
+  Raises:
+    WMHError: the file does not exist, has no ``get_config`` or rejects ``arg``.
+  """
+  path, sep, arg = spec.rpartition(":")
+  if not sep or not path.endswith(".py"):
+    path, arg = spec, ""
+  file = Path(path)
+  if not file.is_file():
+    raise WMHError(file, "experiment config file not found")
+  module_spec = importlib.util.spec_from_file_location(f"wmh_jax_experiment_{file.stem}", file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise WMHError(file, "has no get_config(arg) function")
+  try:
+    return module.get_config(arg or None)
+  except ValueError as err:  # e.g. an unknown ":arg"
+    raise WMHError(file, str(err)) from None
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:

@@ -21,7 +21,6 @@ compared on the same seeds, and the command exits with status 1.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import sys
 import time
@@ -56,29 +55,6 @@ class Outcome:
   error: str = ""
 
 
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-  """``"experiments/weak.py:cpu"`` → that file's ``get_config("cpu")``.
-
-  Raises:
-    WMHError: the file does not exist, has no ``get_config`` or rejects ``arg``.
-  """
-  path, sep, arg = spec.rpartition(":")
-  if not sep or not path.endswith(".py"):
-    path, arg = spec, ""
-  file = Path(path)
-  if not file.is_file():
-    raise WMHError(file, "experiment config file not found")
-  module_spec = importlib.util.spec_from_file_location(f"wmh_jax_experiment_{file.stem}", file)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise WMHError(file, "has no get_config(arg) function")
-  try:
-    return module.get_config(arg or None)
-  except ValueError as err:  # e.g. an unknown ":arg"
-    raise WMHError(file, str(err)) from None
-
-
 def experiments(study: ml_collections.ConfigDict) -> dict[str, str]:
   """``study.experiments`` (``"name=path.py[:arg]"`` strings) as name → spec, in order.
 
@@ -101,7 +77,7 @@ def plan(study: ml_collections.ConfigDict, workdir: str | Path) -> list[Run]:
   runs = []
   for name, spec in experiments(study).items():
     for seed in study.seeds:
-      config = load_config_file(spec)
+      config = configs.load_config_file(spec)
       for field in DATA_OVERRIDES:
         if study.data[field]:
           config.data[field] = study.data[field]
