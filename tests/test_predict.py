@@ -19,6 +19,7 @@ import tiny_data
 from tolerances import bfloat16_rtol, float32_rtol
 from wmh_jax import checkpoint, models, networks, predict, sharding, train
 from wmh_jax.data import cache, manifest, nifti, pipeline, records
+from wmh_jax.evaluation import conformal
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_VOXEL_ML = 1.5 ** 3 / 1000  # tiny_config grid: 1.5 mm isotropic
@@ -296,6 +297,32 @@ def test_bfloat16_run_restores_under_either_dtype(runs):
                              atol=bfloat16_rtol(10) * np.abs(logits["float32"]).max())
 
 
+def test_volume_intervals_from_the_runs_stored_validation_predictions(runs, tmp_path):
+  """Each volume group's lo/hi columns: the split-conformal interval calibrated on the
+  validation predictions its runs stored for the restored checkpoints (ensemble mean)."""
+  mesh = sharding.make_mesh()
+  models = networks.load_networks([runs["weak"], runs["strong"]], mesh)
+  groups = networks.group_networks(models)
+  weak = groups["weak"]
+  assert all(m.val_predictions is not None for m in models)
+  calibration = predict.group_calibration(weak, 0.8)
+  mean = np.mean([m.val_predictions["predicted_ml"] for m in weak], axis=0)
+  assert calibration == conformal.calibrate(weak[0].val_predictions["annotated_ml"], mean, 0.8)
+  out = tmp_path / "preds"
+  scans = [str(runs["data"] / f"s0{i}_flair.nii.gz") for i in (7, 8)]
+  assert predict.main([f"--checkpoints={runs['weak']},{runs['strong']}", f"--out={out}",
+                       "--interval_level=0.8", *scans]) == 0
+  for row in _rows(out / "volumes.csv"):
+    for group in ("weak", "strong"):
+      low, mean_ml, high = (float(row[f"{group}_{k}"]) for k in ("lo_ml", "mean_ml", "hi_ml"))
+      assert 0.0 <= low <= max(mean_ml, 0.0) <= high, row
+    low, high = conformal.interval(calibration, float(row["weak_mean_ml"]))
+    assert float(row["weak_lo_ml"]) == pytest.approx(float(low))
+    assert float(row["weak_hi_ml"]) == pytest.approx(float(high))
+  assert predict.main([f"--checkpoints={runs['weak']}", f"--out={out}", "--interval_level=1",
+                       *scans]) == 2
+
+
 def test_tta_average_flips_maps_back():
   rng = np.random.default_rng(0)
   prob = rng.uniform(size=(4, 3, 2)).astype(np.float32)
@@ -355,9 +382,10 @@ def test_csv_columns_per_kind():
                                     model("sev", "sev", "severity")])
   assert predict.csv_columns(groups) == [
       "scan_id", "path", "status",
-      "w_seed_0_volume_ml", "w_seed_1_volume_ml", "w_mean_ml", "w_sd_ml",
+      "w_seed_0_volume_ml", "w_seed_1_volume_ml", "w_mean_ml", "w_sd_ml", "w_lo_ml", "w_hi_ml",
       "w_model_spacing_mm", "w_model_shape",
-      "j_volume_ml", "j_seg_volume_ml", "j_soft_volume_ml", "j_mean_ml", "j_sd_ml",
+      "j_volume_ml", "j_seg_volume_ml", "j_soft_volume_ml", "j_mean_ml", "j_sd_ml", "j_lo_ml",
+      "j_hi_ml",
       "j_seg_mean_ml", "j_seg_sd_ml", "j_soft_mean_ml", "j_soft_sd_ml",
       "j_model_spacing_mm", "j_model_shape",
       "sev_severity", "sev_severity_vote", "sev_model_spacing_mm", "sev_model_shape",

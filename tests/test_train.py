@@ -19,9 +19,11 @@ import pytest
 import poison
 import tiny_data
 from tolerances import bfloat16_rtol, float32_rtol
-from wmh_jax import checkpoint, configs, inference, models, refit, sharding, throughput, train
+from wmh_jax import (checkpoint, configs, inference, logs, models, refit, sharding, throughput,
+                     train)
 from wmh_jax.data import pipeline, records
 from wmh_jax.errors import CheckpointError, TrainingError
+from wmh_jax.evaluation import metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -158,6 +160,20 @@ def test_timing_log_gives_throughput_of_the_compiled_step(one_epoch):
   # FLOPs per step are the same in every interval: TFLOP/s x time is constant.
   flops = [r["tflops_per_device"] * r["step_time_s"] for r in intervals]
   np.testing.assert_allclose(flops, flops[0], rtol=1e-9)
+
+
+def test_val_predictions_are_stored_per_epoch_and_give_the_logged_icc(one_epoch):
+  """val_predictions/step_<n>.json: the calibration set of predict's intervals; its
+  volumes reproduce the validation ICC logged for that checkpoint."""
+  _, workdir = one_epoch
+  evals = logs.validation_records(workdir / "metrics.jsonl")
+  assert evals
+  for record in evals:
+    stored = json.loads(checkpoint.val_predictions_path(workdir, record["step"]).read_text())
+    assert stored["step"] == record["step"] and len(stored["scan_id"]) == len(
+        stored["predicted_ml"]) == len(stored["annotated_ml"]) > 1
+    icc = metrics.icc_2_1(np.array(stored["annotated_ml"]), np.array(stored["predicted_ml"]))
+    assert icc == pytest.approx(record["val_icc"], rel=1e-6, abs=1e-6)
 
 
 def test_step_peak_picks_the_arithmetic_of_the_compute_dtype():

@@ -31,6 +31,11 @@ SCORE = "val_score"
 RECIPE_MODEL_FIELDS = ("norm", "pooled_norm", "pooled_norm_momentum", "seg_prior_init")
 
 
+def val_predictions_path(workdir: str | Path, step: int) -> Path:
+  """Where a run keeps its validation predictions under the checkpoint of ``step``."""
+  return Path(workdir) / "val_predictions" / f"step_{step}.json"
+
+
 def _score(metrics: dict[str, float]) -> float:
   return metrics[SCORE]
 

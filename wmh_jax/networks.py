@@ -15,6 +15,7 @@ name, or ``<parent>_<folder>`` for a ``seed_*`` folder (``weak_seed_0``).
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,9 @@ class Network:
     workdir: the run's workdir (absolute).
     step: the restored checkpoint step.
     config: the run's config, from the checkpoint.
+    val_predictions: the validation scans' ``scan_id``, ``annotated_ml`` and
+      ``predicted_ml`` under this checkpoint, stored by training
+      (`train.write_val_predictions`); None for runs trained before it was.
   """
   name: str
   group: str
@@ -60,6 +64,7 @@ class Network:
   workdir: Path | None = None
   step: int | None = None
   config: ml_collections.ConfigDict | None = None
+  val_predictions: dict | None = None
 
 
 def names(path: str | Path, runs: Sequence[Path]) -> tuple[str, list[str]]:
@@ -109,10 +114,23 @@ def load_networks(paths: Sequence[str | Path], mesh: Mesh, which: str = "best",
           volume_scale_ml=float(config.data.volume_scale_ml), voxel_ml=records.voxel_ml(config),
           source=f"{run}@{restored.step}",
           variables=sharding.replicate(restored.variables, mesh), forward=forwards[arch],
-          seed=int(config.seed), workdir=run, step=restored.step, config=config))
+          seed=int(config.seed), workdir=run, step=restored.step, config=config,
+          val_predictions=stored_val_predictions(run, restored.step)))
     if len(loaded) == count:
       raise CheckpointError(path, f"no run with seed in {sorted(seeds or ())}")
   return loaded
+
+
+def stored_val_predictions(workdir: Path, step: int) -> dict | None:
+  """The validation predictions training stored for ``step`` (`train.write_val_predictions`),
+  or None when there are none (a run from before they were stored)."""
+  path = checkpoint.val_predictions_path(workdir, step)
+  if not path.is_file():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except ValueError:  # torn by a kill mid-write: no calibration rather than a crash
+    return None
 
 
 def group_networks(networks: Sequence[Network], *, same_grid: bool = False

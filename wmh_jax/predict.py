@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 from wmh_jax import cli, fileio, networks, sharding
 from wmh_jax.data import manifest, nifti
 from wmh_jax.errors import WMHError
-from wmh_jax.evaluation import attention as attention_lib
+from wmh_jax.evaluation import attention as attention_lib, conformal
 
 # Per-model CSV columns (keys of inference.physical_outputs) by model kind.
 MODEL_COLUMNS = {
@@ -197,14 +197,37 @@ def csv_columns(groups: dict[str, list[networks.Network]]) -> list[str]:
 
 
 def _group_keys(kind: str) -> list[str]:
-  """Ensemble columns (keys of :func:`ensemble`) of a model kind."""
+  """Ensemble columns (keys of :func:`ensemble`, then the interval of ``mean_ml``) of a kind."""
   keys = []
   for key in MODEL_COLUMNS[kind]:
     if key == "severity":
       keys.append("severity_vote")
     else:
       keys += [f"{STAT_PREFIX[key]}mean_ml", f"{STAT_PREFIX[key]}sd_ml"]
+    if key == "volume_ml":
+      keys += ["lo_ml", "hi_ml"]
   return keys
+
+
+def group_calibration(models: Sequence[networks.Network], level: float,
+                      score: str = conformal.DEFAULT_SCORE) -> conformal.Calibration | None:
+  """The split-conformal calibration of a group's ensemble-mean volume (`evaluation.conformal`).
+
+  The calibration scans are the validation scans every run of the group
+  stored predictions for (`networks.Network.val_predictions`); their
+  ensemble mean is calibrated against the annotated volumes. None when a
+  run has none (trained before they were stored) or the runs share no scan.
+  """
+  stored = [m.val_predictions for m in models]
+  if any(s is None for s in stored):
+    return None
+  by_run = [dict(zip(s["scan_id"], s["predicted_ml"])) for s in stored]
+  annotated = dict(zip(stored[0]["scan_id"], stored[0]["annotated_ml"]))
+  ids = [i for i in stored[0]["scan_id"] if all(i in run for run in by_run)]
+  if not ids:
+    return None
+  predicted = np.mean([[run[i] for i in ids] for run in by_run], axis=0)
+  return conformal.calibrate([annotated[i] for i in ids], predicted, level, score)
 
 
 def _triple(values: Sequence[float]) -> str:
@@ -226,13 +249,16 @@ def _base_row(item: ScanInput, groups: dict[str, list[networks.Network]]) -> dic
 
 
 def _predict_scan(item: ScanInput, groups: dict[str, list[networks.Network]], mesh: Mesh, tta: bool,
-                  timing: dict[str, float]
+                  timing: dict[str, float],
+                  calibrations: dict[str, conformal.Calibration | None]
                   ) -> tuple[dict[str, Any], dict[str, dict],
                              dict[nifti.PreprocessSpec, nifti.Geometry]]:
   """Loads, preprocesses (once per grid) and runs every model on one scan.
 
   Returns (row values, ensemble of each group, geometry of each grid); sets
-  seconds in ``timing["preprocess"]`` and ``timing["model"]``.
+  seconds in ``timing["preprocess"]`` and ``timing["model"]``. A group's
+  ``lo_ml``/``hi_ml`` are its calibration's interval around ``mean_ml``
+  (blank without a calibration).
   """
   start = time.perf_counter()
   scan = nifti.load_image(item.path)
@@ -247,6 +273,12 @@ def _predict_scan(item: ScanInput, groups: dict[str, list[networks.Network]], me
     for model, out in zip(models, outputs):
       row.update({f"{model.name}_{k}": out[k] for k in MODEL_COLUMNS[model.kind]})
     ensembles[group] = ensemble(outputs)
+    if "mean_ml" in ensembles[group]:
+      calibration = calibrations.get(group)
+      low, high = (conformal.interval(calibration, ensembles[group]["mean_ml"])
+                   if calibration is not None else ("", ""))
+      ensembles[group].update(lo_ml=float(low) if calibration else "",
+                              hi_ml=float(high) if calibration else "")
     row.update({f"{group}_{k}": ensembles[group][k] for k in _group_keys(models[0].kind)})
   timing["model"] = time.perf_counter() - start
   native_spacing = np.linalg.norm(scan.native_affine[:3, :3], axis=0)
@@ -301,16 +333,26 @@ class Summary:
 
 
 def predict(inputs: Sequence[ScanInput], models: Sequence[networks.Network], out_dir: Path,
-            mesh: Mesh, *, tta: bool = False, resume: bool = False) -> Summary:
+            mesh: Mesh, *, tta: bool = False, resume: bool = False,
+            interval_level: float = conformal.DEFAULT_LEVEL) -> Summary:
   """Predicts every scan, writing maps, ``done.json`` and volumes.csv as it goes.
 
   A scan that raises a :class:`WMHError` (or any other error) is reported on
   stderr and recorded with its reason as ``status``; the others carry on.
+  Volume groups get split-conformal intervals at ``interval_level``
+  (:func:`group_calibration`).
   """
   out_dir.mkdir(parents=True, exist_ok=True)
   groups = networks.group_networks(models)
   columns = csv_columns(groups)
-  signature = {"models": [m.source for m in models], "tta": tta}
+  calibrations = {group: group_calibration(members, interval_level)
+                  for group, members in groups.items()}
+  for group, calibration in calibrations.items():
+    if calibration is None and "mean_ml" in _group_keys(groups[group][0].kind):
+      tqdm.tqdm.write(f"{group}: no stored validation predictions (trained by an older "
+                      "wmh-jax): volumes without intervals", file=sys.stderr)
+  signature = {"models": [m.source for m in models], "tta": tta,
+               "interval_level": interval_level}
   rows: list[dict[str, Any]] = []
   summary = Summary()
   for item in tqdm.tqdm(inputs, desc="predict", unit="scan", file=sys.stderr):
@@ -323,7 +365,8 @@ def predict(inputs: Sequence[ScanInput], models: Sequence[networks.Network], out
     (folder / DONE).unlink(missing_ok=True)
     row, timing = _base_row(item, groups), {}
     try:
-      values, ensembles, geometries = _predict_scan(item, groups, mesh, tta, timing)
+      values, ensembles, geometries = _predict_scan(item, groups, mesh, tta, timing,
+                                                    calibrations)
       start = time.perf_counter()
       folder.mkdir(exist_ok=True)
       files = _write_maps(folder, groups, ensembles, geometries)
@@ -358,6 +401,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--resume", action="store_true", help="skip scans already finished")
   parser.add_argument("--which", choices=("best", "latest"), default="best",
                       help="checkpoint step to restore (default: best validation score)")
+  parser.add_argument("--interval_level", type=float, default=conformal.DEFAULT_LEVEL,
+                      help="nominal coverage of the <group>_lo_ml/_hi_ml volume intervals "
+                           "(split-conformal, calibrated on the run's validation scans)")
   cli.add_arguments(parser)
   return parser.parse_args(argv)
 
@@ -377,7 +423,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   except WMHError as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
-  summary = predict(inputs, models, args.out, mesh, tta=args.tta, resume=args.resume)
+  if not 0.0 < args.interval_level < 1.0:
+    print(f"error: --interval_level must be in (0, 1), got {args.interval_level}",
+          file=sys.stderr)
+    return 2
+  summary = predict(inputs, models, args.out, mesh, tta=args.tta, resume=args.resume,
+                    interval_level=args.interval_level)
   print(summary.line() + f" -> {args.out / CSV_NAME}", flush=True)
   return 1 if summary.failed else 0
 

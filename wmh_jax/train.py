@@ -260,15 +260,32 @@ def refit_due(config: ml_collections.ConfigDict, step: int, total_steps: int) ->
 
 
 def validate(programs: Programs, variables: dict, val_records: list[dict],
-             config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, float]:
-  """:func:`validation_metrics` of the model with ``variables`` on the validation records."""
+             config: ml_collections.ConfigDict, mesh: Mesh
+             ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+  """:func:`validation_metrics` of the model with ``variables`` on the validation records,
+  and the predictions (`inference.physical_outputs`, one row per record)."""
   predictions = inference.physical_outputs(
       jax.tree.map(np.asarray, inference.run_batches(
           programs.forward, variables,
           pipeline.eval_batches(val_records, config.train.batch_size),
           mesh, keep_maps=config.model.kind in ("strong", "joint"))),
       volume_scale_ml=config.data.volume_scale_ml, voxel_ml=records_lib.voxel_ml(config))
-  return validation_metrics(config.model.kind, predictions, val_records)
+  return validation_metrics(config.model.kind, predictions, val_records), predictions
+
+
+def write_val_predictions(workdir: Path, step: int, val_records: list[dict],
+                          predictions: dict[str, np.ndarray]) -> None:
+  """``workdir/val_predictions/step_<step>.json``: each validation scan's annotated and
+  predicted volume (mL) under the checkpoint of ``step``, the calibration set of its
+  conformal intervals (`evaluation.conformal`, used by predict). Process 0, atomic."""
+  if jax.process_index() != 0 or "volume_ml" not in predictions:
+    return
+  record = {"step": step, "scan_id": [str(r["scan_id"]) for r in val_records],
+            "annotated_ml": [float(r["wmh_volume_ml"]) for r in val_records],
+            "predicted_ml": [float(v) for v in predictions["volume_ml"]]}
+  path = checkpoint.val_predictions_path(workdir, step)
+  path.parent.mkdir(exist_ok=True)
+  fileio.atomic_write_text(path, json.dumps(record))
 
 
 def refit_volume_head(programs: Programs, state: State, train_records: list[dict],
@@ -383,11 +400,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[State, 
         if epoch_end:
           if refit_due(config, step + 1, total_steps):
             state = refit_volume_head(programs, state, train_records, config, mesh)
-          last_val = validate(programs, model_variables(state), val_records, config, mesh)
+          last_val, predictions = validate(programs, model_variables(state), val_records,
+                                           config, mesh)
+          write_val_predictions(workdir, step + 1, val_records, predictions)
           if refit_due(config, step + 1, total_steps):
             trained = {**model_variables(state), "readout": refit.unfitted(state["readout"])}
             last_val.update({f"trained_head_{k}": v for k, v in
-                             validate(programs, trained, val_records, config, mesh).items()})
+                             validate(programs, trained, val_records, config, mesh)[0].items()})
           logger.log_eval(step + 1, (step + 1) // steps_per_epoch, last_val)
         if save:
           ckpt.save(step + 1, state, data_iter, config,
