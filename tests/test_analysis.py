@@ -19,7 +19,8 @@ from wmh_jax import analysis, configs, logs, networks, refit, report, sharding
 from wmh_jax import study as study_lib
 from wmh_jax.data import cache, manifest, pipeline, records
 from wmh_jax.errors import CheckpointError, WMHError
-from wmh_jax.evaluation import attention, baselines, figures, floors, metrics, probe, stats
+from wmh_jax.evaluation import (attention, baselines, conformal, figures, floors, metrics, probe,
+                                stats)
 from wmh_jax.evaluation import scans as scans_lib, tables as tables_lib
 
 TABLES = ("networks", "datasets", "icc", "icc_mean", "comparison", "baselines", "challenge",
@@ -268,6 +269,30 @@ def test_tables_figures_and_report_are_written(study):
     assert r["beats_threshold_dice"] == ("" if r["kind"] == "weak" else
                                          "yes" if dice > threshold_dice else "no")
     assert f"| {r['dataset']} | {r['run']} | {r['kind']} | " in text
+
+
+def test_coverage_table_recomputes_from_stored_calibration_and_predictions(study):
+  """tables/coverage.csv: each run's interval (calibrated on the validation predictions its
+  training stored) checked against predictions.csv, for every score and test set."""
+  out = study["out"]
+  rows = {(r["run"], r["dataset"], r["score"]): r for r in _read(out / "tables" / "coverage.csv")}
+  assert set(rows) == {(run, dataset, score) for run in ("weak", "strong")
+                       for dataset in ("local", "ext") for score in conformal.SCORES}
+  predictions = _read(out / "predictions.csv")
+  for run in ("weak", "strong"):
+    restored = networks.load_networks([study["root"] / run], sharding.make_mesh())
+    calibration_sets = [n.val_predictions for n in restored]
+    for score in conformal.SCORES:
+      calibration = conformal.ensemble_calibration(calibration_sets, 0.9, score)
+      for dataset in ("local", "ext"):
+        mine = [r for r in predictions if r["run"] == run and r["dataset"] == dataset]
+        covered, width = conformal.coverage(calibration, [_float(r["annotated_ml"]) for r in mine],
+                                            [_float(r["predicted_ml"]) for r in mine])
+        row = rows[(run, dataset, score)]
+        assert _float(row["coverage"]) == pytest.approx(covered)
+        assert _float(row["mean_width_ml"]) == pytest.approx(width)
+        assert int(row["calibration_scans"]) == calibration.n > 0
+  assert "## Volume intervals" in (out / "REPORT.md").read_text()
 
 
 def test_learning_curves_equal_the_metrics_logs(study):

@@ -305,7 +305,7 @@ def test_volume_intervals_from_the_runs_stored_validation_predictions(runs, tmp_
   groups = networks.group_networks(models)
   weak = groups["weak"]
   assert all(m.val_predictions is not None for m in models)
-  calibration = predict.group_calibration(weak, 0.8)
+  calibration = conformal.ensemble_calibration([m.val_predictions for m in weak], 0.8)
   mean = np.mean([m.val_predictions["predicted_ml"] for m in weak], axis=0)
   assert calibration == conformal.calibrate(weak[0].val_predictions["annotated_ml"], mean, 0.8)
   out = tmp_path / "preds"

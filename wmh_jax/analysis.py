@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from wmh_jax import cli, fileio, networks as networks_lib, report, sharding
 from wmh_jax.data import records
 from wmh_jax.errors import WMHError
-from wmh_jax.evaluation import figures as figures_lib, floors as floors_lib, scans
+from wmh_jax.evaluation import conformal, figures as figures_lib, floors as floors_lib, scans
 from wmh_jax.evaluation import tables as tables_lib
 
 
@@ -37,6 +37,38 @@ def predict_network(network: networks_lib.Network, sets: dict[str, list[dict]], 
                                  f"{dataset}", unit="scan", file=sys.stderr, leave=False):
       rows.append(scans.scan_row(network, dataset, record, out))
   return rows
+
+
+def val_predictions(network: networks_lib.Network, mesh: Mesh) -> dict | None:
+  """The network's validation predictions: those its training stored for the restored
+  checkpoint, else predicted now on its validation split (runs trained before they were
+  stored). None for a model without a volume (severity)."""
+  if network.val_predictions is not None:
+    return network.val_predictions
+  if network.kind == "severity":
+    return None
+  val = records.split_records(records.load_records(records.training_manifest(network.config),
+                                                   network.config))["val"]
+  rows = [scans.scan_row(network, "val", record, out)
+          for record, out in networks_lib.predict_records(network, val, mesh)]
+  return {"scan_id": [r["scan_id"] for r in rows],
+          "annotated_ml": [r["annotated_ml"] for r in rows],
+          "predicted_ml": [r["predicted_ml"] for r in rows]}
+
+
+def interval_calibrations(networks: Sequence[networks_lib.Network], mesh: Mesh,
+                          level: float = conformal.DEFAULT_LEVEL
+                          ) -> dict[tuple[str, str], conformal.Calibration]:
+  """(run, score) → the calibration of each volume run's seed ensemble, for every score."""
+  stored = {n.name: val_predictions(n, mesh) for n in networks}
+  result = {}
+  for group, members in networks_lib.group_networks(networks).items():
+    for score in conformal.SCORES:
+      calibration = conformal.ensemble_calibration([stored[m.name] for m in members], level,
+                                                   score)
+      if calibration is not None:
+        result[(group, score)] = calibration
+  return result
 
 
 def network_evaluation_sets(networks: Sequence[networks_lib.Network],
@@ -90,6 +122,7 @@ def run_analysis(run_paths: Sequence[str | Path], out: str | Path,
   tables = {"networks": tables_lib.networks_table(networks),
             **tables_lib.summarise(rows, n_boot, boot_seed)}
   tables["baselines"] = tables_lib.floor_table(tables["icc_mean"], floors)
+  tables["coverage"] = tables_lib.coverage_table(rows, interval_calibrations(networks, mesh))
   domain_runs = {n.group for n in networks if n.config.augment.get("domain", {}).get("enabled")}
   if domain_runs:
     tables["domain_effect"] = tables_lib.domain_effect_table(tables["icc_mean"], domain_runs)

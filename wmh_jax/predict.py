@@ -209,27 +209,6 @@ def _group_keys(kind: str) -> list[str]:
   return keys
 
 
-def group_calibration(models: Sequence[networks.Network], level: float,
-                      score: str = conformal.DEFAULT_SCORE) -> conformal.Calibration | None:
-  """The split-conformal calibration of a group's ensemble-mean volume (`evaluation.conformal`).
-
-  The calibration scans are the validation scans every run of the group
-  stored predictions for (`networks.Network.val_predictions`); their
-  ensemble mean is calibrated against the annotated volumes. None when a
-  run has none (trained before they were stored) or the runs share no scan.
-  """
-  stored = [m.val_predictions for m in models]
-  if any(s is None for s in stored):
-    return None
-  by_run = [dict(zip(s["scan_id"], s["predicted_ml"])) for s in stored]
-  annotated = dict(zip(stored[0]["scan_id"], stored[0]["annotated_ml"]))
-  ids = [i for i in stored[0]["scan_id"] if all(i in run for run in by_run)]
-  if not ids:
-    return None
-  predicted = np.mean([[run[i] for i in ids] for run in by_run], axis=0)
-  return conformal.calibrate([annotated[i] for i in ids], predicted, level, score)
-
-
 def _triple(values: Sequence[float]) -> str:
   """``1.4x1.4x4.2`` / ``112x128x32``."""
   return "x".join(f"{float(v):g}" for v in values)
@@ -339,14 +318,14 @@ def predict(inputs: Sequence[ScanInput], models: Sequence[networks.Network], out
 
   A scan that raises a :class:`WMHError` (or any other error) is reported on
   stderr and recorded with its reason as ``status``; the others carry on.
-  Volume groups get split-conformal intervals at ``interval_level``
-  (:func:`group_calibration`).
+  Volume groups get split-conformal intervals at ``interval_level``, calibrated
+  on their runs' stored validation predictions (`conformal.ensemble_calibration`).
   """
   out_dir.mkdir(parents=True, exist_ok=True)
   groups = networks.group_networks(models)
   columns = csv_columns(groups)
-  calibrations = {group: group_calibration(members, interval_level)
-                  for group, members in groups.items()}
+  calibrations = {group: conformal.ensemble_calibration(
+      [m.val_predictions for m in members], interval_level) for group, members in groups.items()}
   for group, calibration in calibrations.items():
     if calibration is None and "mean_ml" in _group_keys(groups[group][0].kind):
       tqdm.tqdm.write(f"{group}: no stored validation predictions (trained by an older "

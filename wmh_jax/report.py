@@ -388,6 +388,9 @@ def sections(tables: dict[str, Table]) -> list[tuple[str, str, list[str], list[s
       ("Segmentation", "Dice against the mask on each model's grid. Weak networks have no "
        "segmentation head: their attention map is thresholded to keep as many voxels as the "
        "predicted volume (paper §2.2).", ["challenge"], ["examples"]),
+      ("Volume intervals", "How far to trust each volume: split-conformal intervals "
+       "calibrated on the validation scans, their coverage and width on every test set.",
+       ["coverage"], []),
       ("Confounders", "Paper §2.4/§3: does predicted volume explain annotated volume beyond "
        "ventricle, white-matter and CSF volume?", ["confounders"], []),
       ("Segmentation vs volume quality", "Paper §4: do networks that segment best also "

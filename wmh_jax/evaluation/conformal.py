@@ -86,6 +86,31 @@ def calibrate(annotated: Sequence[float], predicted: Sequence[float],
   return Calibration(score=score, level=float(level), quantile=quantile, n=int(n))
 
 
+def ensemble_calibration(stored: Sequence[dict | None], level: float = DEFAULT_LEVEL,
+                         score: str = DEFAULT_SCORE) -> Calibration | None:
+  """The calibration of an ensemble's mean volume from its runs' validation predictions.
+
+  Args:
+    stored: per run, ``{"scan_id", "annotated_ml", "predicted_ml"}`` lists
+      (`train.write_val_predictions`), or None for a run without them.
+    level, score: see :func:`calibrate`.
+
+  Returns:
+    :func:`calibrate` of the annotated volumes against the runs' mean
+    prediction over the scans every run has; None when a run has no
+    predictions or the runs share no scan.
+  """
+  if not stored or any(s is None for s in stored):
+    return None
+  by_run = [dict(zip(s["scan_id"], s["predicted_ml"])) for s in stored]
+  annotated = dict(zip(stored[0]["scan_id"], stored[0]["annotated_ml"]))
+  ids = [i for i in stored[0]["scan_id"] if all(i in run for run in by_run)]
+  if not ids:
+    return None
+  predicted = np.mean([[run[i] for i in ids] for run in by_run], axis=0)
+  return calibrate([annotated[i] for i in ids], predicted, level, score)
+
+
 def interval(calibration: Calibration, predicted: Sequence[float] | float
              ) -> tuple[np.ndarray, np.ndarray]:
   """(low, high) volume bounds in mL for predictions in mL, each clipped at 0."""

@@ -17,7 +17,7 @@ import numpy as np
 
 from wmh_jax import networks as networks_lib
 from wmh_jax.data import manifest, records
-from wmh_jax.evaluation import floors as floors_lib, metrics, stats
+from wmh_jax.evaluation import conformal, floors as floors_lib, metrics, stats
 from wmh_jax.evaluation.scans import CHALLENGE, SEGMENTATION_KINDS
 from wmh_jax.report import Table
 
@@ -273,6 +273,36 @@ def floor_table(icc_mean: Table, floors: Mapping[str, floors_lib.Floor]) -> Tabl
                 "beats_threshold_dice"], table,
                note="yes: the network's value is higher than the baseline's. Dice only for "
                "networks with a segmentation head. " + "; ".join(fits) + ".")
+
+
+def coverage_table(rows: Sequence[dict],
+                   calibrations: Mapping[tuple[str, str], conformal.Calibration]) -> Table:
+  """Split-conformal interval coverage per network run, score and test set.
+
+  Args:
+    rows: ``predictions.csv`` rows; a run's prediction of a scan is the mean
+      over its seeds (the ensemble predict reports).
+    calibrations: (run, score) → calibration on that run's validation scans.
+  """
+  table = []
+  for (run, score), calibration in calibrations.items():
+    mine = [r for r in rows if r["run"] == run and is_number(r.get("predicted_ml"))]
+    for (dataset,), group in group_rows(mine, ("dataset",)).items():
+      scans = group_rows(group, ("scan_id",))
+      annotated = [g[0]["annotated_ml"] for g in scans.values()]
+      predicted = [_mean([r["predicted_ml"] for r in g]) for g in scans.values()]
+      covered, width = conformal.coverage(calibration, annotated, predicted)
+      table.append({"run": run, "dataset": dataset, "score": score,
+                    "nominal": calibration.level, "coverage": covered, "mean_width_ml": width,
+                    "scans": len(annotated), "calibration_scans": calibration.n})
+  return Table("coverage", "Split-conformal volume intervals: coverage on each test set",
+               ["run", "dataset", "score", "nominal", "coverage", "mean_width_ml", "scans",
+                "calibration_scans"], table,
+               note="Calibrated on each run's validation scans (the local domain). The "
+               "guarantee (coverage >= nominal) holds for scans exchangeable with those; "
+               "the external domains come from other scanners, where it need not. score "
+               "'log': relative intervals (|log1p(y) - log1p(p)|); 'absolute': one width in "
+               "mL. predict reports the 'log' interval.")
 
 
 def severity_table(rows: Sequence[dict]) -> Table:
