@@ -19,8 +19,8 @@ from wmh_jax import analysis, configs, logs, networks, refit, report, sharding
 from wmh_jax import study as study_lib
 from wmh_jax.data import cache, manifest, pipeline, records
 from wmh_jax.errors import CheckpointError, WMHError
-from wmh_jax.evaluation import (attention, baselines, conformal, figures, floors, metrics, probe,
-                                stats)
+from wmh_jax.evaluation import (attention, baselines, conformal, figures, floors, metrics, ood,
+                                probe, stats)
 from wmh_jax.evaluation import scans as scans_lib, tables as tables_lib
 
 TABLES = ("networks", "datasets", "icc", "icc_mean", "comparison", "baselines", "challenge",
@@ -293,6 +293,24 @@ def test_coverage_table_recomputes_from_stored_calibration_and_predictions(study
         assert _float(row["mean_width_ml"]) == pytest.approx(width)
         assert int(row["calibration_scans"]) == calibration.n > 0
   assert "## Volume intervals" in (out / "REPORT.md").read_text()
+
+
+def test_ood_table_recomputes_from_predictions_and_stored_thresholds(study):
+  out = study["out"]
+  restored = networks.load_networks([study["root"] / "weak"], sharding.make_mesh())
+  threshold = float(np.mean([n.val_predictions["ood_threshold"] for n in restored]))
+  predictions = [r for r in _read(out / "predictions.csv") if r["run"] == "weak"]
+  scores = {d: np.array([_float(r["ood_score"]) for r in predictions if r["dataset"] == d])
+            for d in ("local", "ext")}
+  assert all(np.isfinite(s).all() and (s >= 0).all() for s in scores.values())
+  assert not any(r["ood_score"] for r in _read(out / "predictions.csv") if r["run"] == "strong")
+  rows = {r["dataset"]: r for r in _read(out / "tables" / "ood.csv")}
+  assert {r["run"] for r in _read(out / "tables" / "ood.csv")} == {"weak"}
+  for dataset, score in scores.items():
+    assert _float(rows[dataset]["flagged_share"]) == pytest.approx(np.mean(score > threshold))
+  assert _float(rows["ext"]["auroc_vs_local"]) == pytest.approx(
+      ood.auroc(scores["local"], scores["ext"]))
+  assert "## Out-of-distribution scans" in (out / "REPORT.md").read_text()
 
 
 def test_learning_curves_equal_the_metrics_logs(study):

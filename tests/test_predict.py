@@ -321,6 +321,12 @@ def test_volume_intervals_from_the_runs_stored_validation_predictions(runs, tmp_
     assert float(row["weak_hi_ml"]) == pytest.approx(float(high))
   assert predict.main([f"--checkpoints={runs['weak']}", f"--out={out}", "--interval_level=1",
                        *scans]) == 2
+  # Out-of-distribution score: the weak runs' mean, flagged above their training threshold.
+  threshold = float(np.mean([m.val_predictions["ood_threshold"] for m in weak]))
+  assert threshold > 0
+  for row in _rows(out / "volumes.csv"):
+    assert float(row["weak_ood_score"]) >= 0
+    assert row["weak_ood_flag"] == str(int(float(row["weak_ood_score"]) > threshold))
 
 
 def test_tta_average_flips_maps_back():
@@ -383,11 +389,10 @@ def test_csv_columns_per_kind():
   assert predict.csv_columns(groups) == [
       "scan_id", "path", "status",
       "w_seed_0_volume_ml", "w_seed_1_volume_ml", "w_mean_ml", "w_sd_ml", "w_lo_ml", "w_hi_ml",
-      "w_model_spacing_mm", "w_model_shape",
+      "w_ood_score", "w_ood_flag", "w_model_spacing_mm", "w_model_shape",
       "j_volume_ml", "j_seg_volume_ml", "j_soft_volume_ml", "j_mean_ml", "j_sd_ml", "j_lo_ml",
-      "j_hi_ml",
-      "j_seg_mean_ml", "j_seg_sd_ml", "j_soft_mean_ml", "j_soft_sd_ml",
-      "j_model_spacing_mm", "j_model_shape",
+      "j_hi_ml", "j_seg_mean_ml", "j_seg_sd_ml", "j_soft_mean_ml", "j_soft_sd_ml",
+      "j_ood_score", "j_ood_flag", "j_model_spacing_mm", "j_model_shape",
       "sev_severity", "sev_severity_vote", "sev_model_spacing_mm", "sev_model_shape",
       "native_spacing_mm", "native_shape"]
 

@@ -22,7 +22,8 @@ from jax.sharding import Mesh
 from wmh_jax import cli, fileio, networks as networks_lib, report, sharding
 from wmh_jax.data import records
 from wmh_jax.errors import WMHError
-from wmh_jax.evaluation import conformal, figures as figures_lib, floors as floors_lib, scans
+from wmh_jax.evaluation import conformal, figures as figures_lib, floors as floors_lib, ood
+from wmh_jax.evaluation import scans
 from wmh_jax.evaluation import tables as tables_lib
 
 
@@ -69,6 +70,27 @@ def interval_calibrations(networks: Sequence[networks_lib.Network], mesh: Mesh,
       if calibration is not None:
         result[(group, score)] = calibration
   return result
+
+
+def ood_thresholds(networks: Sequence[networks_lib.Network], mesh: Mesh) -> dict[str, float]:
+  """run → flag threshold of its out-of-distribution score (mean over its seeds).
+
+  Each seed's threshold is the one its training stored for the restored
+  checkpoint, else computed now from its training split (older runs). Runs
+  without standardised head features (`ood.available`) are left out.
+  """
+  per_run: dict[str, list[float]] = {}
+  for network in networks:
+    if not ood.available(network.config.model):
+      continue
+    threshold = (network.val_predictions or {}).get("ood_threshold")
+    if threshold is None:
+      train = records.split_records(records.load_records(
+          records.training_manifest(network.config), network.config))["train"]
+      threshold = ood.threshold([float(out["ood_score"]) for _, out in
+                                 networks_lib.predict_records(network, train, mesh)])
+    per_run.setdefault(network.group, []).append(float(threshold))
+  return {run: sum(values) / len(values) for run, values in per_run.items()}
 
 
 def network_evaluation_sets(networks: Sequence[networks_lib.Network],
@@ -123,6 +145,9 @@ def run_analysis(run_paths: Sequence[str | Path], out: str | Path,
             **tables_lib.summarise(rows, n_boot, boot_seed)}
   tables["baselines"] = tables_lib.floor_table(tables["icc_mean"], floors)
   tables["coverage"] = tables_lib.coverage_table(rows, interval_calibrations(networks, mesh))
+  thresholds = ood_thresholds(networks, mesh)
+  if thresholds:
+    tables["ood"] = tables_lib.ood_table(rows, thresholds, records.LOCAL)
   domain_runs = {n.group for n in networks if n.config.augment.get("domain", {}).get("enabled")}
   if domain_runs:
     tables["domain_effect"] = tables_lib.domain_effect_table(tables["icc_mean"], domain_runs)

@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 from wmh_jax import cli, fileio, networks, sharding
 from wmh_jax.data import manifest, nifti
 from wmh_jax.errors import WMHError
-from wmh_jax.evaluation import attention as attention_lib, conformal
+from wmh_jax.evaluation import attention as attention_lib, conformal, ood
 
 # Per-model CSV columns (keys of inference.physical_outputs) by model kind.
 MODEL_COLUMNS = {
@@ -38,6 +38,8 @@ MODEL_COLUMNS = {
     "joint": ("volume_ml", "seg_volume_ml", "soft_volume_ml"),
     "severity": ("severity",),
 }
+# Kinds whose groups get an out-of-distribution score (evaluation.ood).
+OOD_KINDS = ("weak", "joint")
 # Ensemble statistic column prefix of each volume output.
 STAT_PREFIX = {"volume_ml": "", "seg_volume_ml": "seg_", "soft_volume_ml": "soft_"}
 DONE = "done.json"
@@ -206,7 +208,21 @@ def _group_keys(kind: str) -> list[str]:
       keys += [f"{STAT_PREFIX[key]}mean_ml", f"{STAT_PREFIX[key]}sd_ml"]
     if key == "volume_ml":
       keys += ["lo_ml", "hi_ml"]
+  if kind in OOD_KINDS:
+    keys += ["ood_score", "ood_flag"]
   return keys
+
+
+def group_ood(models: Sequence[networks.Network], outputs: Sequence[dict[str, Any]]
+              ) -> dict[str, Any]:
+  """A group's out-of-distribution score of one scan (`evaluation.ood`): the mean over its
+  runs, flagged (1) above the mean of their training thresholds; blank where a run has
+  no standardised features or no stored threshold."""
+  thresholds = [(m.val_predictions or {}).get("ood_threshold") for m in models]
+  if not all(ood.available(m.config.model) for m in models) or None in thresholds:
+    return {"ood_score": "", "ood_flag": ""}
+  score = float(np.mean([o["ood_score"] for o in outputs]))
+  return {"ood_score": score, "ood_flag": int(score > float(np.mean(thresholds)))}
 
 
 def _triple(values: Sequence[float]) -> str:
@@ -258,6 +274,8 @@ def _predict_scan(item: ScanInput, groups: dict[str, list[networks.Network]], me
                    if calibration is not None else ("", ""))
       ensembles[group].update(lo_ml=float(low) if calibration else "",
                               hi_ml=float(high) if calibration else "")
+    if models[0].kind in OOD_KINDS:
+      ensembles[group].update(group_ood(models, outputs))
     row.update({f"{group}_{k}": ensembles[group][k] for k in _group_keys(models[0].kind)})
   timing["model"] = time.perf_counter() - start
   native_spacing = np.linalg.norm(scan.native_affine[:3, :3], axis=0)

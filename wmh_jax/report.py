@@ -391,6 +391,8 @@ def sections(tables: dict[str, Table]) -> list[tuple[str, str, list[str], list[s
       ("Volume intervals", "How far to trust each volume: split-conformal intervals "
        "calibrated on the validation scans, their coverage and width on every test set.",
        ["coverage"], []),
+      ("Out-of-distribution scans", "Which scans are unlike the training data, and are their "
+       "volumes worse?", ["ood"], []),
       ("Confounders", "Paper §2.4/§3: does predicted volume explain annotated volume beyond "
        "ventricle, white-matter and CSF volume?", ["confounders"], []),
       ("Segmentation vs volume quality", "Paper §4: do networks that segment best also "

@@ -21,7 +21,7 @@ import numpy as np
 
 from wmh_jax import networks as networks_lib
 from wmh_jax.data import manifest, nifti
-from wmh_jax.evaluation import attention, metrics
+from wmh_jax.evaluation import attention, metrics, ood
 
 # challenge_metrics key -> predictions.csv column
 CHALLENGE = {"dice": "challenge_dice", "hd95_mm": "hd95_mm", "avd_percent": "avd_percent",
@@ -32,7 +32,7 @@ VOLUMES = {"volume_ml": "predicted_ml", "soft_volume_ml": "predicted_soft_ml",
            "seg_volume_ml": "predicted_seg_ml"}
 COLUMNS = (["run", "kind", "seed", "dataset", "scan_id", "subject_id", "annotated_ml",
             *VOLUMES.values(), "dice", "attention_dice", *CHALLENGE.values(),
-            "severity", "predicted_severity", *manifest.CONFOUNDER_COLUMNS])
+            "severity", "predicted_severity", "ood_score", *manifest.CONFOUNDER_COLUMNS])
 # Model kinds with a segmentation head (their Dice is that of p > 0.5).
 SEGMENTATION_KINDS = ("strong", "joint")
 
@@ -134,6 +134,8 @@ def scan_row(network: networks_lib.Network, dataset: str, record: dict,
   if "severity" in out:
     row["severity"] = record["severity"] if record["severity"] >= 0 else None
     row["predicted_severity"] = int(out["severity"])
+  if "ood_score" in out and ood.available(network.config.model):
+    row["ood_score"] = float(out["ood_score"])
   return row
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from wmh_jax import networks as networks_lib
 from wmh_jax.data import manifest, records
-from wmh_jax.evaluation import conformal, floors as floors_lib, metrics, stats
+from wmh_jax.evaluation import conformal, floors as floors_lib, metrics, ood, stats
 from wmh_jax.evaluation.scans import CHALLENGE, SEGMENTATION_KINDS
 from wmh_jax.report import Table
 
@@ -303,6 +303,50 @@ def coverage_table(rows: Sequence[dict],
                "the external domains come from other scanners, where it need not. score "
                "'log': relative intervals (|log1p(y) - log1p(p)|); 'absolute': one width in "
                "mL. predict reports the 'log' interval.")
+
+
+def ood_table(rows: Sequence[dict], thresholds: Mapping[str, float], local: str) -> Table:
+  """The out-of-distribution score (`evaluation.ood`) per network run and test set.
+
+  Per scan, the mean score over a run's seeds; flagged above the run's
+  threshold (mean over seeds of the 99th percentile of its training scans).
+  AUROC: how well the score separates the set's scans from the ``local`` test
+  scans (0.5: not at all). Median |error|: of the flagged and unflagged scans.
+
+  Args:
+    rows: ``predictions.csv`` rows (those with ``ood_score`` count).
+    thresholds: run → flag threshold.
+    local: the in-distribution test set's name.
+  """
+  table = []
+  for run, threshold in thresholds.items():
+    mine = [r for r in rows if r["run"] == run and is_number(r.get("ood_score"))]
+    per_set = {}
+    for (dataset,), group in group_rows(mine, ("dataset",)).items():
+      scans = group_rows(group, ("scan_id",)).values()
+      score = np.array([_mean([r["ood_score"] for r in g]) for g in scans])
+      error = np.array([abs(_mean([r["predicted_ml"] for r in g]) - g[0]["annotated_ml"])
+                        for g in scans])
+      per_set[dataset] = score, error
+    for dataset, (score, error) in per_set.items():
+      flagged = score > threshold
+      table.append({
+          "run": run, "dataset": dataset, "scans": len(score),
+          "median_score": float(np.median(score)), "flagged_share": float(flagged.mean()),
+          "auroc_vs_local": (None if dataset == local or local not in per_set
+                             else ood.auroc(per_set[local][0], score)),
+          "median_abs_error_flagged_ml": float(np.median(error[flagged])) if flagged.any()
+          else None,
+          "median_abs_error_unflagged_ml": float(np.median(error[~flagged]))
+          if (~flagged).any() else None})
+  return Table("ood", "Out-of-distribution score: separation from the local test set, and "
+               "the volume errors of flagged scans",
+               ["run", "dataset", "scans", "median_score", "flagged_share", "auroc_vs_local",
+                "median_abs_error_flagged_ml", "median_abs_error_unflagged_ml"], table,
+               note="Score: mean squared standardised pooled feature of the volume head "
+               "(diagonal Mahalanobis / channels; ~1 on training scans). Flag: above the 99th "
+               "percentile of the run's training scans. Runs without standardised head "
+               "features (strong, severity, the paper head) have no score.")
 
 
 def severity_table(rows: Sequence[dict]) -> Table:
