@@ -298,7 +298,7 @@ def test_coverage_table_recomputes_from_stored_calibration_and_predictions(study
 def test_ood_table_recomputes_from_predictions_and_stored_thresholds(study):
   out = study["out"]
   restored = networks.load_networks([study["root"] / "weak"], sharding.make_mesh())
-  threshold = float(np.mean([n.val_predictions["ood_threshold"] for n in restored]))
+  threshold = float(np.mean([n.ood_reference.threshold for n in restored]))
   predictions = [r for r in _read(out / "predictions.csv") if r["run"] == "weak"]
   scores = {d: np.array([_float(r["ood_score"]) for r in predictions if r["dataset"] == d])
             for d in ("local", "ext")}

@@ -322,7 +322,7 @@ def test_volume_intervals_from_the_runs_stored_validation_predictions(runs, tmp_
   assert predict.main([f"--checkpoints={runs['weak']}", f"--out={out}", "--interval_level=1",
                        *scans]) == 2
   # Out-of-distribution score: the weak runs' mean, flagged above their training threshold.
-  threshold = float(np.mean([m.val_predictions["ood_threshold"] for m in weak]))
+  threshold = float(np.mean([m.ood_reference.threshold for m in weak]))
   assert threshold > 0
   for row in _rows(out / "volumes.csv"):
     assert float(row["weak_ood_score"]) >= 0

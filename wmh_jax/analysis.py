@@ -16,6 +16,7 @@ import sys
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
+import numpy as np
 import tqdm
 from jax.sharding import Mesh
 
@@ -27,16 +28,16 @@ from wmh_jax.evaluation import scans
 from wmh_jax.evaluation import tables as tables_lib
 
 
-def predict_network(network: networks_lib.Network, sets: dict[str, list[dict]], mesh: Mesh
-                    ) -> list[dict]:
-  """Per-scan rows (:func:`wmh_jax.evaluation.scans.scan_row`) of one network on
-  each test set, in set and record order."""
+def predict_network(network: networks_lib.Network, sets: dict[str, list[dict]], mesh: Mesh,
+                    reference: ood.Reference | None = None) -> list[dict]:
+  """Per-scan rows (:func:`wmh_jax.evaluation.scans.scan_row`, with ``ood_score`` from
+  ``reference``) of one network on each test set, in set and record order."""
   rows = []
   for dataset, recs in sets.items():
     for record, out in tqdm.tqdm(networks_lib.predict_records(network, recs, mesh),
                                  total=len(recs), desc=f"{network.group} seed {network.seed} "
                                  f"{dataset}", unit="scan", file=sys.stderr, leave=False):
-      rows.append(scans.scan_row(network, dataset, record, out))
+      rows.append(scans.scan_row(network, dataset, record, out, reference))
   return rows
 
 
@@ -72,25 +73,18 @@ def interval_calibrations(networks: Sequence[networks_lib.Network], mesh: Mesh,
   return result
 
 
-def ood_thresholds(networks: Sequence[networks_lib.Network], mesh: Mesh) -> dict[str, float]:
-  """run → flag threshold of its out-of-distribution score (mean over its seeds).
-
-  Each seed's threshold is the one its training stored for the restored
-  checkpoint, else computed now from its training split (older runs). Runs
-  without standardised head features (`ood.available`) are left out.
-  """
-  per_run: dict[str, list[float]] = {}
-  for network in networks:
-    if not ood.available(network.config.model):
-      continue
-    threshold = (network.val_predictions or {}).get("ood_threshold")
-    if threshold is None:
-      train = records.split_records(records.load_records(
-          records.training_manifest(network.config), network.config))["train"]
-      threshold = ood.threshold([float(out["ood_score"]) for _, out in
-                                 networks_lib.predict_records(network, train, mesh)])
-    per_run.setdefault(network.group, []).append(float(threshold))
-  return {run: sum(values) / len(values) for run, values in per_run.items()}
+def ood_reference(network: networks_lib.Network, mesh: Mesh) -> ood.Reference | None:
+  """The network's training feature distribution (`evaluation.ood`): the one its training
+  stored for the restored checkpoint, else fitted now on its training split (older runs).
+  None for kinds without a volume head."""
+  if network.kind not in ood.KINDS:
+    return None
+  if network.ood_reference is not None:
+    return network.ood_reference
+  train = records.split_records(records.load_records(records.training_manifest(network.config),
+                                                     network.config))["train"]
+  return ood.Reference.fit(np.stack([out["pooled"] for _, out in
+                                     networks_lib.predict_records(network, train, mesh)]))
 
 
 def network_evaluation_sets(networks: Sequence[networks_lib.Network],
@@ -133,8 +127,9 @@ def run_analysis(run_paths: Sequence[str | Path], out: str | Path,
   networks = networks_lib.load_networks(run_paths, mesh, seeds=seeds)
   sets = network_evaluation_sets(networks, datasets)
   floors = floors_lib.fit_floors(networks, sets)
+  references = {n.name: ood_reference(n, mesh) for n in networks}
   rows = [row for network, mine in zip(networks, sets)
-          for row in predict_network(network, mine, mesh)]
+          for row in predict_network(network, mine, mesh, references[network.name])]
   rows += [row for floor in dict.fromkeys(floors.values())
            for row in floors_lib.baseline_rows(floor)]
   out = Path(out)
@@ -145,7 +140,9 @@ def run_analysis(run_paths: Sequence[str | Path], out: str | Path,
             **tables_lib.summarise(rows, n_boot, boot_seed)}
   tables["baselines"] = tables_lib.floor_table(tables["icc_mean"], floors)
   tables["coverage"] = tables_lib.coverage_table(rows, interval_calibrations(networks, mesh))
-  thresholds = ood_thresholds(networks, mesh)
+  thresholds = {group: float(np.mean([references[m.name].threshold for m in members]))
+                for group, members in networks_lib.group_networks(networks).items()
+                if references[members[0].name] is not None}
   if thresholds:
     tables["ood"] = tables_lib.ood_table(rows, thresholds, records.LOCAL)
   domain_runs = {n.group for n in networks if n.config.augment.get("domain", {}).get("enabled")}

@@ -14,7 +14,6 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from wmh_jax import sharding
-from wmh_jax.evaluation import ood
 
 ForwardFn = Callable[[dict, jax.Array], dict[str, jax.Array]]
 
@@ -54,9 +53,8 @@ def physical_outputs(outputs: dict[str, np.ndarray], *, volume_scale_ml: float,
     ``volume_ml`` (B,) the model's primary volume estimate (regression head for
     weak/joint, thresholded count for strong); ``seg_volume_ml`` and
     ``soft_volume_ml`` for models with a segmentation head; ``severity`` (B,)
-    int for severity models; ``ood_score`` (B,) from a volume head's
-    ``pooled`` features (`evaluation.ood.scores`; meaningful only where
-    `evaluation.ood.available`); maps are passed through unchanged.
+    int for severity models; ``pooled`` (B, C), a volume head's features
+    (for `evaluation.ood`), and maps are passed through unchanged.
   """
   result: dict[str, np.ndarray] = {}
   if "seg_prob" in outputs:
@@ -72,7 +70,7 @@ def physical_outputs(outputs: dict[str, np.ndarray], *, volume_scale_ml: float,
   if "severity_logits" in outputs:
     result["severity"] = outputs["severity_logits"].argmax(axis=-1)
   if "pooled" in outputs:
-    result["ood_score"] = ood.scores(outputs["pooled"])
+    result["pooled"] = outputs["pooled"]
   return result
 
 

@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 from wmh_jax import checkpoint, inference, models, sharding
 from wmh_jax.data import nifti, pipeline, records
 from wmh_jax.errors import CheckpointError, WMHError
+from wmh_jax.evaluation import ood
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -65,6 +66,13 @@ class Network:
   step: int | None = None
   config: ml_collections.ConfigDict | None = None
   val_predictions: dict | None = None
+
+  @property
+  def ood_reference(self) -> ood.Reference | None:
+    """The training distribution of its volume-head features, as stored by training
+    (`evaluation.ood`); None without one."""
+    stored = (self.val_predictions or {}).get("ood")
+    return ood.Reference.from_json(stored) if stored else None
 
 
 def names(path: str | Path, runs: Sequence[Path]) -> tuple[str, list[str]]:

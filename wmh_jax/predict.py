@@ -39,7 +39,7 @@ MODEL_COLUMNS = {
     "severity": ("severity",),
 }
 # Kinds whose groups get an out-of-distribution score (evaluation.ood).
-OOD_KINDS = ("weak", "joint")
+OOD_KINDS = ood.KINDS
 # Ensemble statistic column prefix of each volume output.
 STAT_PREFIX = {"volume_ml": "", "seg_volume_ml": "seg_", "soft_volume_ml": "soft_"}
 DONE = "done.json"
@@ -216,13 +216,14 @@ def _group_keys(kind: str) -> list[str]:
 def group_ood(models: Sequence[networks.Network], outputs: Sequence[dict[str, Any]]
               ) -> dict[str, Any]:
   """A group's out-of-distribution score of one scan (`evaluation.ood`): the mean over its
-  runs, flagged (1) above the mean of their training thresholds; blank where a run has
-  no standardised features or no stored threshold."""
-  thresholds = [(m.val_predictions or {}).get("ood_threshold") for m in models]
-  if not all(ood.available(m.config.model) for m in models) or None in thresholds:
+  runs of each run's score, flagged (1) above the mean of their thresholds; blank where
+  a run has no stored reference (trained before they were stored, or without a refit)."""
+  references = [m.ood_reference for m in models]
+  if None in references:
     return {"ood_score": "", "ood_flag": ""}
-  score = float(np.mean([o["ood_score"] for o in outputs]))
-  return {"ood_score": score, "ood_flag": int(score > float(np.mean(thresholds)))}
+  score = float(np.mean([r.scores(o["pooled"][None])[0] for r, o in zip(references, outputs)]))
+  threshold = float(np.mean([r.threshold for r in references]))
+  return {"ood_score": score, "ood_flag": int(score > threshold)}
 
 
 def _triple(values: Sequence[float]) -> str:

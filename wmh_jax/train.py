@@ -275,20 +275,19 @@ def validate(programs: Programs, variables: dict, val_records: list[dict],
 
 def write_val_predictions(workdir: Path, step: int, val_records: list[dict],
                           predictions: dict[str, np.ndarray],
-                          ood_threshold: float | None = None) -> None:
+                          ood_reference: ood.Reference | None = None) -> None:
   """``workdir/val_predictions/step_<step>.json``: each validation scan's annotated and
   predicted volume (mL) under the checkpoint of ``step``, the calibration set of its
   conformal intervals (`evaluation.conformal`, used by predict); with
-  ``ood_threshold`` (`evaluation.ood`, from the training scans) also that and the
-  validation scans' ``ood_score``. Process 0, atomic."""
+  ``ood_reference`` (`evaluation.ood`, fitted on the training scans) also that,
+  as ``ood``. Process 0, atomic."""
   if jax.process_index() != 0 or "volume_ml" not in predictions:
     return
   record = {"step": step, "scan_id": [str(r["scan_id"]) for r in val_records],
             "annotated_ml": [float(r["wmh_volume_ml"]) for r in val_records],
             "predicted_ml": [float(v) for v in predictions["volume_ml"]]}
-  if ood_threshold is not None:
-    record.update(ood_threshold=ood_threshold,
-                  ood_score=[float(v) for v in predictions["ood_score"]])
+  if ood_reference is not None:
+    record["ood"] = ood_reference.to_json()
   path = checkpoint.val_predictions_path(workdir, step)
   path.parent.mkdir(exist_ok=True)
   fileio.atomic_write_text(path, json.dumps(record))
@@ -296,10 +295,9 @@ def write_val_predictions(workdir: Path, step: int, val_records: list[dict],
 
 def refit_volume_head(programs: Programs, state: State, train_records: list[dict],
                       config: ml_collections.ConfigDict, mesh: Mesh
-                      ) -> tuple[State, float | None]:
+                      ) -> tuple[State, ood.Reference]:
   """``state`` with a closed-form fit of its volume head's Dense layer in ``readout`` (`refit`),
-  and the out-of-distribution flag threshold of the training scans (`evaluation.ood`;
-  None where the head's features are not standardised).
+  and the training distribution of the same features (`evaluation.ood.Reference`).
 
   The pooled features of the unaugmented training scans come from the
   current network (inference mode); the targets are their volumes in scaled
@@ -312,9 +310,8 @@ def refit_volume_head(programs: Programs, state: State, train_records: list[dict
   target = np.array([r["wmh_volume_ml"] for r in train_records]) / config.data.volume_scale_ml
   weights, bias = refit.RidgeReadout(np.asarray(outputs["pooled"], np.float64), target).dense()
   readout = refit.fitted_readout(state["readout"], weights, bias)
-  threshold = (ood.threshold(ood.scores(np.asarray(outputs["pooled"])))
-               if ood.available(config.model) else None)
-  return {**state, "readout": sharding.replicate(readout, mesh)}, threshold
+  reference = ood.Reference.fit(np.asarray(outputs["pooled"]))
+  return {**state, "readout": sharding.replicate(readout, mesh)}, reference
 
 
 def _drain(logger: MetricLogger, ckpt: checkpoint.Checkpointer, workdir: Path) -> None:
@@ -409,13 +406,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> tuple[State, 
         if save or (step + 1) % log_every == 0:
           _drain(logger, ckpt, workdir)
         if epoch_end:
-          ood_threshold = None
+          ood_reference = None
           if refit_due(config, step + 1, total_steps):
-            state, ood_threshold = refit_volume_head(programs, state, train_records, config,
+            state, ood_reference = refit_volume_head(programs, state, train_records, config,
                                                      mesh)
           last_val, predictions = validate(programs, model_variables(state), val_records,
                                            config, mesh)
-          write_val_predictions(workdir, step + 1, val_records, predictions, ood_threshold)
+          write_val_predictions(workdir, step + 1, val_records, predictions, ood_reference)
           if refit_due(config, step + 1, total_steps):
             trained = {**model_variables(state), "readout": refit.unfitted(state["readout"])}
             last_val.update({f"trained_head_{k}": v for k, v in

@@ -119,12 +119,13 @@ def scan_fields(run: str, kind: str, seed: int | None, dataset: str, record: dic
 
 
 def scan_row(network: networks_lib.Network, dataset: str, record: dict,
-             out: dict[str, Any]) -> dict:
+             out: dict[str, Any], ood_reference: ood.Reference | None = None) -> dict:
   """The ``predictions.csv`` row of one scan (see :data:`COLUMNS`).
 
   Args:
     out: the network's outputs on the scan
       (:func:`wmh_jax.networks.predict_records`).
+    ood_reference: the network's training feature distribution; gives ``ood_score``.
   """
   row = scan_fields(network.group, network.kind, network.seed, dataset, record)
   row["predicted_ml"] = math.nan
@@ -134,8 +135,8 @@ def scan_row(network: networks_lib.Network, dataset: str, record: dict,
   if "severity" in out:
     row["severity"] = record["severity"] if record["severity"] >= 0 else None
     row["predicted_severity"] = int(out["severity"])
-  if "ood_score" in out and ood.available(network.config.model):
-    row["ood_score"] = float(out["ood_score"])
+  if ood_reference is not None and "pooled" in out:
+    row["ood_score"] = float(ood_reference.scores(out["pooled"][None])[0])
   return row
 
 

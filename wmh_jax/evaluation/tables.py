@@ -309,7 +309,8 @@ def ood_table(rows: Sequence[dict], thresholds: Mapping[str, float], local: str)
   """The out-of-distribution score (`evaluation.ood`) per network run and test set.
 
   Per scan, the mean score over a run's seeds; flagged above the run's
-  threshold (mean over seeds of the 99th percentile of its training scans).
+  threshold (mean over seeds of the 99th percentile of its training scans'
+  scores).
   AUROC: how well the score separates the set's scans from the ``local`` test
   scans (0.5: not at all). Median |error|: of the flagged and unflagged scans.
 
@@ -343,10 +344,10 @@ def ood_table(rows: Sequence[dict], thresholds: Mapping[str, float], local: str)
                "the volume errors of flagged scans",
                ["run", "dataset", "scans", "median_score", "flagged_share", "auroc_vs_local",
                 "median_abs_error_flagged_ml", "median_abs_error_unflagged_ml"], table,
-               note="Score: mean squared standardised pooled feature of the volume head "
-               "(diagonal Mahalanobis / channels; ~1 on training scans). Flag: above the 99th "
-               "percentile of the run's training scans. Runs without standardised head "
-               "features (strong, severity, the paper head) have no score.")
+               note="Score: squared Mahalanobis distance / channels of the volume head's "
+               "pooled features from their training-scan distribution (Ledoit-Wolf shrunk "
+               "covariance; ~1 on training scans). Flag: above the 99th percentile of the "
+               "run's training scans. Strong and severity runs have no volume head, no score.")
 
 
 def severity_table(rows: Sequence[dict]) -> Table:
