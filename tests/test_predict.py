@@ -311,7 +311,7 @@ def test_volume_intervals_from_the_runs_stored_validation_predictions(runs, tmp_
   out = tmp_path / "preds"
   scans = [str(runs["data"] / f"s0{i}_flair.nii.gz") for i in (7, 8)]
   assert predict.main([f"--checkpoints={runs['weak']},{runs['strong']}", f"--out={out}",
-                       "--interval_level=0.8", *scans]) == 0
+                       "--interval_level=0.8", "--qc", *scans]) == 0
   for row in _rows(out / "volumes.csv"):
     for group in ("weak", "strong"):
       low, mean_ml, high = (float(row[f"{group}_{k}"]) for k in ("lo_ml", "mean_ml", "hi_ml"))
@@ -327,6 +327,15 @@ def test_volume_intervals_from_the_runs_stored_validation_predictions(runs, tmp_
   for row in _rows(out / "volumes.csv"):
     assert float(row["weak_ood_score"]) >= 0
     assert row["weak_ood_flag"] == str(int(float(row["weak_ood_score"]) > threshold))
+  # --qc: a montage per scan, and an index sorted by OOD score (highest first).
+  rows = _rows(out / "volumes.csv")
+  for row in rows:
+    assert (out / row["scan_id"] / "qc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  index = (out / "qc.md").read_text()
+  ordered = sorted(rows, key=lambda r: -float(r["weak_ood_score"]))
+  positions = [index.index(f"({r['scan_id']}/qc.png)") for r in ordered]
+  assert positions == sorted(positions)
+  assert f"{ordered[0]['scan_id']}: weak {float(ordered[0]['weak_mean_ml']):.1f} mL [" in index
 
 
 def test_tta_average_flips_maps_back():

@@ -26,7 +26,7 @@ import numpy as np
 import tqdm
 from jax.sharding import Mesh
 
-from wmh_jax import cli, fileio, networks, sharding
+from wmh_jax import cli, fileio, networks, qc, sharding
 from wmh_jax.data import manifest, nifti
 from wmh_jax.errors import WMHError
 from wmh_jax.evaluation import attention as attention_lib, conformal, ood
@@ -248,10 +248,10 @@ def _predict_scan(item: ScanInput, groups: dict[str, list[networks.Network]], me
                   timing: dict[str, float],
                   calibrations: dict[str, conformal.Calibration | None]
                   ) -> tuple[dict[str, Any], dict[str, dict],
-                             dict[nifti.PreprocessSpec, nifti.Geometry]]:
+                             dict[nifti.PreprocessSpec, nifti.Preprocessed]]:
   """Loads, preprocesses (once per grid) and runs every model on one scan.
 
-  Returns (row values, ensemble of each group, geometry of each grid); sets
+  Returns (row values, ensemble of each group, the scan on each grid); sets
   seconds in ``timing["preprocess"]`` and ``timing["model"]``. A group's
   ``lo_ml``/``hi_ml`` are its calibration's interval around ``mean_ml``
   (blank without a calibration).
@@ -282,7 +282,7 @@ def _predict_scan(item: ScanInput, groups: dict[str, list[networks.Network]], me
   native_spacing = np.linalg.norm(scan.native_affine[:3, :3], axis=0)
   row.update(native_spacing_mm=_triple(native_spacing),
              native_shape=_triple(scan.native_shape))
-  return row, ensembles, {spec: p.geometry for spec, p in pre.items()}
+  return row, ensembles, pre
 
 
 def _write_maps(folder: Path, groups: dict[str, list[networks.Network]], ensembles: dict[str, dict],
@@ -296,6 +296,19 @@ def _write_maps(folder: Path, groups: dict[str, list[networks.Network]], ensembl
       save_native(folder / name, array, geometries[spec], order)
       names.append(name)
   return names
+
+
+def _write_qc(folder: Path, groups: dict[str, list[networks.Network]], ensembles: dict[str, dict],
+              grids: dict[nifti.PreprocessSpec, nifti.Preprocessed], row: dict[str, Any],
+              scan_id: str) -> str:
+  """``qc.png`` of one scan: the first group with a mask drawn over its grid's scan."""
+  group = next((g for g in groups if group_maps(ensembles[g], groups[g][0].spec.spacing_mm)),
+               next(iter(groups)))
+  spec = groups[group][0].spec
+  maps = group_maps(ensembles[group], spec.spacing_mm)
+  mask = maps.get("mask", maps.get("attention_mask", (None, 0)))[0]
+  qc.write_montage(folder / "qc.png", grids[spec].image, mask, qc.title(scan_id, list(groups), row))
+  return "qc.png"
 
 
 def _finished(folder: Path, signature: dict) -> dict | None:
@@ -332,13 +345,16 @@ class Summary:
 
 def predict(inputs: Sequence[ScanInput], models: Sequence[networks.Network], out_dir: Path,
             mesh: Mesh, *, tta: bool = False, resume: bool = False,
-            interval_level: float = conformal.DEFAULT_LEVEL) -> Summary:
+            interval_level: float = conformal.DEFAULT_LEVEL, qc_pictures: bool = False
+            ) -> Summary:
   """Predicts every scan, writing maps, ``done.json`` and volumes.csv as it goes.
 
   A scan that raises a :class:`WMHError` (or any other error) is reported on
   stderr and recorded with its reason as ``status``; the others carry on.
   Volume groups get split-conformal intervals at ``interval_level``, calibrated
   on their runs' stored validation predictions (`conformal.ensemble_calibration`).
+  With ``qc_pictures``, each scan also gets ``qc.png`` and the run a ``qc.md``
+  index (`wmh_jax.qc`).
   """
   out_dir.mkdir(parents=True, exist_ok=True)
   groups = networks.group_networks(models)
@@ -350,7 +366,7 @@ def predict(inputs: Sequence[ScanInput], models: Sequence[networks.Network], out
       tqdm.tqdm.write(f"{group}: no stored validation predictions (trained by an older "
                       "wmh-jax): volumes without intervals", file=sys.stderr)
   signature = {"models": [m.source for m in models], "tta": tta,
-               "interval_level": interval_level}
+               "interval_level": interval_level, "qc": qc_pictures}
   rows: list[dict[str, Any]] = []
   summary = Summary()
   for item in tqdm.tqdm(inputs, desc="predict", unit="scan", file=sys.stderr):
@@ -363,12 +379,14 @@ def predict(inputs: Sequence[ScanInput], models: Sequence[networks.Network], out
     (folder / DONE).unlink(missing_ok=True)
     row, timing = _base_row(item, groups), {}
     try:
-      values, ensembles, geometries = _predict_scan(item, groups, mesh, tta, timing,
-                                                    calibrations)
+      values, ensembles, grids = _predict_scan(item, groups, mesh, tta, timing, calibrations)
       start = time.perf_counter()
       folder.mkdir(exist_ok=True)
-      files = _write_maps(folder, groups, ensembles, geometries)
+      files = _write_maps(folder, groups, ensembles,
+                          {spec: p.geometry for spec, p in grids.items()})
       row.update(values, status="ok")
+      if qc_pictures:
+        files.append(_write_qc(folder, groups, ensembles, grids, row, item.scan_id))
       fileio.atomic_write_text(folder / DONE, json.dumps(
           {"row": row, "files": files, "signature": signature}, indent=1))
       rows.append(row)
@@ -383,6 +401,9 @@ def predict(inputs: Sequence[ScanInput], models: Sequence[networks.Network], out
       fileio.write_csv(out_dir / CSV_NAME, columns, rows)
       summary.failed += 1
   fileio.write_csv(out_dir / CSV_NAME, columns, rows)
+  if qc_pictures:
+    qc.write_index(out_dir, [{**r, "folder": item.folder} for r, item in zip(rows, inputs)],
+                   list(groups))
   return summary
 
 
@@ -399,6 +420,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--resume", action="store_true", help="skip scans already finished")
   parser.add_argument("--which", choices=("best", "latest"), default="best",
                       help="checkpoint step to restore (default: best validation score)")
+  parser.add_argument("--qc", action="store_true",
+                      help="also write <scan>/qc.png (slices with the predicted mask) and a "
+                           "qc.md index sorted by out-of-distribution score")
   parser.add_argument("--interval_level", type=float, default=conformal.DEFAULT_LEVEL,
                       help="nominal coverage of the <group>_lo_ml/_hi_ml volume intervals "
                            "(split-conformal, calibrated on the run's validation scans)")
@@ -426,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           file=sys.stderr)
     return 2
   summary = predict(inputs, models, args.out, mesh, tta=args.tta, resume=args.resume,
-                    interval_level=args.interval_level)
+                    interval_level=args.interval_level, qc_pictures=args.qc)
   print(summary.line() + f" -> {args.out / CSV_NAME}", flush=True)
   return 1 if summary.failed else 0
 

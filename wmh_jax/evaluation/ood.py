@@ -6,7 +6,7 @@ pooled features g (C,) (`models.VolumeHead` / `CountHead`, output
 unaugmented training scans (`train.refit_volume_head`): the mean m and a
 Ledoit-Wolf shrunk covariance Σ (C features from a few hundred scans: the
 sample covariance alone is near singular). A scan's score is
-``(g - m)ᵀ Σ⁻¹ (g - m) / C``, about 1 for a typical training scan; the flag
+``(g - m)ᵀ Σ⁻¹ (g - m) / C``, averaging about 1 over the training scans; the flag
 threshold is the 99th percentile of the training scans' own scores. A scan
 from another scanner moves the features the volume is read from, the shift
 that matters for its volume.
