@@ -7,6 +7,7 @@ import csv
 import dataclasses
 import importlib.util
 import json
+import shutil
 import math
 from pathlib import Path
 
@@ -510,3 +511,25 @@ def test_probe_fits_every_readout_on_the_frozen_body(study, capsys):
   table = probe.format_table(result)
   assert table.splitlines()[0] == "| readout | train | val | ext | ridge |"
   assert len(table.splitlines()) == 2 + 1 + len(probe.READOUTS)
+
+
+def test_store_calibration_backfills_an_older_run(study, tmp_path, capsys):
+  """A run trained before validation predictions were stored gets them (and its OOD
+  reference) from ``analysis --store_calibration``, equal to what analysis computes."""
+  old = tmp_path / "weak"
+  shutil.copytree(study["root"] / "weak", old)
+  shutil.rmtree(old / "seed_0" / "val_predictions")
+  mesh = sharding.make_mesh()
+  (before,) = networks.load_networks([old], mesh)
+  assert before.val_predictions is None and before.ood_reference is None
+  assert analysis.main([f"--runs={old}", "--store_calibration"]) == 0
+  assert "wrote" in capsys.readouterr().out
+  (after,) = networks.load_networks([old], mesh)
+  (original,) = networks.load_networks([study["root"] / "weak"], mesh)
+  assert after.val_predictions["scan_id"] == original.val_predictions["scan_id"]
+  np.testing.assert_allclose(after.val_predictions["predicted_ml"],
+                             original.val_predictions["predicted_ml"], rtol=1e-5, atol=1e-6)
+  assert after.ood_reference.threshold > 0
+  assert analysis.main([f"--runs={old}", "--store_calibration"]) == 0
+  assert "nothing to store" in capsys.readouterr().out
+  assert analysis.main([f"--runs={old}"]) == 2

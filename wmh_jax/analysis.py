@@ -12,6 +12,7 @@ Usage and outputs: README.md, "Analysis".
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Collection, Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 import tqdm
 from jax.sharding import Mesh
 
-from wmh_jax import cli, fileio, networks as networks_lib, report, sharding
+from wmh_jax import checkpoint, cli, fileio, networks as networks_lib, report, sharding
 from wmh_jax.data import records
 from wmh_jax.errors import WMHError
 from wmh_jax.evaluation import conformal, figures as figures_lib, floors as floors_lib, ood
@@ -85,6 +86,23 @@ def ood_reference(network: networks_lib.Network, mesh: Mesh) -> ood.Reference | 
                                                      network.config))["train"]
   return ood.Reference.fit(np.stack([out["pooled"] for _, out in
                                      networks_lib.predict_records(network, train, mesh)]))
+
+
+def store_calibration(network: networks_lib.Network, mesh: Mesh) -> Path | None:
+  """Writes the validation predictions and OOD reference of a run trained before training
+  stored them (`train.write_val_predictions`'s file, for the restored checkpoint), so
+  that predict gives it intervals (and, with a volume head, OOD scores). Returns the file,
+  or None when the run has one already or predicts no volume."""
+  if network.val_predictions is not None or network.kind == "severity":
+    return None
+  record = {"step": network.step, **val_predictions(network, mesh)}
+  reference = ood_reference(network, mesh)
+  if reference is not None:
+    record["ood"] = reference.to_json()
+  path = checkpoint.val_predictions_path(network.workdir, network.step)
+  path.parent.mkdir(exist_ok=True)
+  fileio.atomic_write_text(path, json.dumps(record))
+  return path
 
 
 def network_evaluation_sets(networks: Sequence[networks_lib.Network],
@@ -164,7 +182,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
       description="Evaluate trained runs on their test sets; write tables, figures, REPORT.md.")
   parser.add_argument("--runs", required=True,
                       help="comma-separated training workdirs (seed sweeps or single runs)")
-  parser.add_argument("--out", required=True, type=Path, help="output folder")
+  parser.add_argument("--out", type=Path, help="output folder (required unless "
+                      "--store_calibration)")
   parser.add_argument("--datasets", default="",
                       help=f"comma-separated test sets (default: all; e.g. {records.LOCAL},"
                       f"{','.join(records.EXTERNAL_DOMAINS)})")
@@ -172,6 +191,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="comma-separated seeds to analyse (default: every seed_* run)")
   parser.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples per CI")
   parser.add_argument("--boot_seed", type=int, default=0, help="bootstrap seed")
+  parser.add_argument("--store_calibration", action="store_true",
+                      help="only store, in each older run (trained before they were kept), "
+                      "its validation predictions and OOD reference for predict's intervals "
+                      "and OOD flags; no report")
   cli.add_arguments(parser)
   return parser.parse_args(argv)
 
@@ -192,7 +215,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     if not runs:
       raise WMHError(None, "--runs is empty")
+    if args.out is None and not args.store_calibration:
+      raise WMHError(None, "--out is required")
     seeds = _seeds(args.seeds)
+    if args.store_calibration:
+      mesh = sharding.make_mesh()
+      for network in networks_lib.load_networks(runs, mesh, seeds=seeds):
+        path = store_calibration(network, mesh)
+        print(f"{network.name}: " + (f"wrote {path}" if path else "nothing to store"))
+      return 0
     written = run_analysis(runs, args.out, datasets, args.n_boot, args.boot_seed, seeds)
   except WMHError as err:
     print(f"error: {err}", file=sys.stderr)

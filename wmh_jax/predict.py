@@ -301,13 +301,19 @@ def _write_maps(folder: Path, groups: dict[str, list[networks.Network]], ensembl
 def _write_qc(folder: Path, groups: dict[str, list[networks.Network]], ensembles: dict[str, dict],
               grids: dict[nifti.PreprocessSpec, nifti.Preprocessed], row: dict[str, Any],
               scan_id: str) -> str:
-  """``qc.png`` of one scan: the first group with a mask drawn over its grid's scan."""
-  group = next((g for g in groups if group_maps(ensembles[g], groups[g][0].spec.spacing_mm)),
-               next(iter(groups)))
-  spec = groups[group][0].spec
-  maps = group_maps(ensembles[group], spec.spacing_mm)
-  mask = maps.get("mask", maps.get("attention_mask", (None, 0)))[0]
-  qc.write_montage(folder / "qc.png", grids[spec].image, mask, qc.title(scan_id, list(groups), row))
+  """``qc.png`` of one scan: the masks of the groups on the first group's grid (red:
+  segmentation, cyan: attention), over that grid's scan."""
+  spec = next(iter(groups.values()))[0].spec
+  outlines = []
+  for group, members in groups.items():
+    if members[0].spec != spec:
+      continue
+    maps = group_maps(ensembles[group], spec.spacing_mm)
+    outlines += [(maps[name][0], color) for name, color in (("mask", "red"),
+                                                            ("attention_mask", "cyan"))
+                 if name in maps]
+  qc.write_montage(folder / "qc.png", grids[spec].image, outlines,
+                   qc.title(scan_id, list(groups), row))
   return "qc.png"
 
 

@@ -3,8 +3,9 @@
 Each scan gets ``<out>/<scan>/qc.png``: eight axial slices of the
 preprocessed scan (model grid, radiological display: left on the right,
 anterior up), spread over the slices that hold brain, with the predicted
-lesion mask outlined in red, and a title with every group's volume, its
-interval and its out-of-distribution flag. ``<out>/qc.md`` lists every scan
+lesion masks outlined (a segmentation group's p > 0.5 in red, a weak group's
+attention mask in cyan), and a title with every group's volume, its interval
+and its out-of-distribution flag. ``<out>/qc.md`` lists every scan
 with its thumbnail, sorted by out-of-distribution score (highest first), so a
 reader checks the least typical scans first.
 """
@@ -35,13 +36,14 @@ def montage_slices(image: np.ndarray, count: int = SLICES) -> list[int]:
   return sorted({int(round(p)) for p in positions})
 
 
-def write_montage(path: Path, image: np.ndarray, mask: np.ndarray | None, title: str) -> Path:
+def write_montage(path: Path, image: np.ndarray,
+                  outlines: Sequence[tuple[np.ndarray, str]], title: str) -> Path:
   """The montage PNG of one scan.
 
   Args:
     path: the PNG to write (atomically).
     image: (x, y, z) preprocessed scan, RAS.
-    mask: (x, y, z) predicted lesion mask on the same grid, or None.
+    outlines: (mask (x, y, z) on the same grid, matplotlib colour) to outline.
     title: the figure's title (volumes, intervals, flags).
   """
   slices = montage_slices(image)
@@ -53,8 +55,9 @@ def write_montage(path: Path, image: np.ndarray, mask: np.ndarray | None, title:
     ax = fig.add_subplot(rows, columns, i + 1)
     # Radiological convention: RAS x runs right-to-left on screen, y upwards.
     ax.imshow(image[::-1, :, z].T, origin="lower", cmap="gray")
-    if mask is not None and mask[:, :, z].any():
-      ax.contour(mask[::-1, :, z].T.astype(float), [0.5], colors="red", linewidths=0.7)
+    for mask, color in outlines:
+      if mask[:, :, z].any():
+        ax.contour(mask[::-1, :, z].T.astype(float), [0.5], colors=color, linewidths=0.7)
     ax.set_title(f"z = {z}", fontsize=7)
     ax.set_axis_off()
   FigureCanvasAgg(fig)
@@ -94,8 +97,9 @@ def write_index(out_dir: Path, rows: Sequence[dict[str, Any]], groups: Sequence[
   with_pictures = [r for r in rows if (out_dir / r["folder"] / "qc.png").is_file()]
   ordered = sorted(with_pictures, key=lambda r: -ood_order(r, groups))
   lines = ["# Quality control", "",
-           "Sorted by out-of-distribution score (highest first). Red: the predicted lesion "
-           "mask (strong/joint: p > 0.5; weak: the attention map's top voxels).", ""]
+           "Sorted by out-of-distribution score (highest first). Outlines on the first "
+           "group's grid: red, a segmentation mask (p > 0.5); cyan, a weak group's "
+           "attention mask (the attention map's top voxels, as many as its volume).", ""]
   for row in ordered:
     lines += [f"## {title(row['scan_id'], groups, row)}", "",
               f"![{row['scan_id']}]({row['folder']}/qc.png)", ""]
