@@ -388,6 +388,43 @@ def test_summarise_confounders_correlation_and_severity():
   assert tables["comparison"].rows == [] and tables["comparison"].note
 
 
+def test_confounder_regression_adds_tiv_and_named_manifest_covariates():
+  """``tiv_ml`` joins the confounder volumes; ``--covariates`` adds manifest columns: numeric
+  ones as they are, categorical ones as indicators of every level but the first."""
+  import statsmodels.api as sm  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(3)
+  n = 30
+  annotated = rng.uniform(1, 20, n)
+  predicted = annotated + rng.normal(0, 2, n)
+  tiv = rng.uniform(1200, 1600, n)
+  age = rng.uniform(50, 90, n)
+  site = np.array(["A", "B", "C"])[np.arange(n) % 3]
+  rows = [{"run": "weak", "kind": "weak", "seed": 0, "dataset": "local", "scan_id": f"s{i}",
+           "annotated_ml": annotated[i], "predicted_ml": predicted[i], "tiv_ml": tiv[i],
+           "cov_age": f"{age[i]:.6f}", "cov_site": site[i], "cov_sex": "F",
+           "cov_bmi": "" if i == 0 else "25"} for i in range(n)]
+  table = tables_lib.confounder_table(rows, ["age", "site", "sex", "bmi"])
+  (fit,) = table.rows
+  design = np.column_stack([np.ones(n), predicted, tiv, np.round(age, 6), site == "B", site == "C"])
+  full = sm.OLS(annotated, design.astype(float)).fit()
+  assert fit["r2_full"] == pytest.approx(full.rsquared)
+  for name, index in (("tiv_ml", 2), ("age", 3), ("site=B", 4), ("site=C", 5)):
+    assert fit[f"p_{name}"] == pytest.approx(full.pvalues[index], rel=1e-6)
+  assert fit["df_confounders"] == 4
+  assert "'sex' has one level" in table.note and "'bmi' is missing" in table.note
+  assert "p_site=C" in table.columns and "p_sex" not in table.columns
+
+
+def test_tiv_is_the_intracranial_volume_of_the_cached_record(study):
+  predictions = _read(study["out"] / "predictions.csv")
+  local = {r["scan_id"]: r for r in records.split_records(records.load_records(
+      Path(study["config"].data.manifest), study["config"]))["test"]}
+  voxel_ml = records.voxel_ml(study["config"])
+  for row in (r for r in predictions if r["dataset"] == "local" and r["run"] == "weak"):
+    brain = pipeline.load_record(local[row["scan_id"]])["brain"]
+    assert _float(row["tiv_ml"]) == pytest.approx(brain.sum() * voxel_ml)
+
+
 def test_floor_table_and_report_say_which_networks_beat_the_baselines(tmp_path):
   """Synthetic rows: weak (2 seeds) and strong networks, both baselines, one dataset."""
   rng = np.random.default_rng(0)

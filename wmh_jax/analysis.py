@@ -30,15 +30,19 @@ from wmh_jax.evaluation import tables as tables_lib
 
 
 def predict_network(network: networks_lib.Network, sets: dict[str, list[dict]], mesh: Mesh,
-                    reference: ood.Reference | None = None) -> list[dict]:
+                    reference: ood.Reference | None = None, covariates: Sequence[str] = ()
+                    ) -> list[dict]:
   """Per-scan rows (:func:`wmh_jax.evaluation.scans.scan_row`, with ``ood_score`` from
-  ``reference``) of one network on each test set, in set and record order."""
+  ``reference`` and the manifest ``covariates`` as ``cov_<name>``) of one network on each
+  test set, in set and record order."""
   rows = []
   for dataset, recs in sets.items():
     for record, out in tqdm.tqdm(networks_lib.predict_records(network, recs, mesh),
                                  total=len(recs), desc=f"{network.group} seed {network.seed} "
                                  f"{dataset}", unit="scan", file=sys.stderr, leave=False):
-      rows.append(scans.scan_row(network, dataset, record, out, reference))
+      row = scans.scan_row(network, dataset, record, out, reference)
+      row.update({tables_lib.COVARIATE_PREFIX + name: record.get(name) for name in covariates})
+      rows.append(row)
   return rows
 
 
@@ -128,8 +132,8 @@ def network_evaluation_sets(networks: Sequence[networks_lib.Network],
 
 def run_analysis(run_paths: Sequence[str | Path], out: str | Path,
                  datasets: Sequence[str] | None = None, n_boot: int = 1000,
-                 boot_seed: int = 0, seeds: Collection[int] | None = None
-                 ) -> dict[str, Path]:
+                 boot_seed: int = 0, seeds: Collection[int] | None = None,
+                 covariates: Sequence[str] = ()) -> dict[str, Path]:
   """Restores every run (only ``seeds``, if given), predicts every test set and
   writes the study to ``out``.
 
@@ -147,7 +151,8 @@ def run_analysis(run_paths: Sequence[str | Path], out: str | Path,
   floors = floors_lib.fit_floors(networks, sets)
   references = {n.name: ood_reference(n, mesh) for n in networks}
   rows = [row for network, mine in zip(networks, sets)
-          for row in predict_network(network, mine, mesh, references[network.name])]
+          for row in predict_network(network, mine, mesh, references[network.name],
+                                     covariates)]
   rows += [row for floor in dict.fromkeys(floors.values())
            for row in floors_lib.baseline_rows(floor)]
   out = Path(out)
@@ -155,7 +160,7 @@ def run_analysis(run_paths: Sequence[str | Path], out: str | Path,
   written = {"predictions": out / "predictions.csv"}
   fileio.write_csv(written["predictions"], scans.present_columns(rows), rows)
   tables = {"networks": tables_lib.networks_table(networks),
-            **tables_lib.summarise(rows, n_boot, boot_seed)}
+            **tables_lib.summarise(rows, n_boot, boot_seed, covariates)}
   tables["baselines"] = tables_lib.floor_table(tables["icc_mean"], floors)
   tables["coverage"] = tables_lib.coverage_table(rows, interval_calibrations(networks, mesh))
   thresholds = {group: float(np.mean([references[m.name].threshold for m in members]))
@@ -191,6 +196,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="comma-separated seeds to analyse (default: every seed_* run)")
   parser.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples per CI")
   parser.add_argument("--boot_seed", type=int, default=0, help="bootstrap seed")
+  parser.add_argument("--covariates", default="",
+                      help="comma-separated manifest columns added to the confounder "
+                      "regression (numeric, or categorical such as sex or site)")
   parser.add_argument("--store_calibration", action="store_true",
                       help="only store, in each older run (trained before they were kept), "
                       "its validation predictions and OOD reference for predict's intervals "
@@ -224,7 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = store_calibration(network, mesh)
         print(f"{network.name}: " + (f"wrote {path}" if path else "nothing to store"))
       return 0
-    written = run_analysis(runs, args.out, datasets, args.n_boot, args.boot_seed, seeds)
+    covariates = [c for c in args.covariates.split(",") if c]
+    written = run_analysis(runs, args.out, datasets, args.n_boot, args.boot_seed, seeds,
+                           covariates)
   except WMHError as err:
     print(f"error: {err}", file=sys.stderr)
     return 2

@@ -32,7 +32,8 @@ VOLUMES = {"volume_ml": "predicted_ml", "soft_volume_ml": "predicted_soft_ml",
            "seg_volume_ml": "predicted_seg_ml"}
 COLUMNS = (["run", "kind", "seed", "dataset", "scan_id", "subject_id", "annotated_ml",
             *VOLUMES.values(), "dice", "attention_dice", *CHALLENGE.values(),
-            "severity", "predicted_severity", "ood_score", *manifest.CONFOUNDER_COLUMNS])
+            "severity", "predicted_severity", "ood_score", *manifest.CONFOUNDER_COLUMNS,
+            "tiv_ml"])
 # Model kinds with a segmentation head (their Dice is that of p > 0.5).
 SEGMENTATION_KINDS = ("strong", "joint")
 
@@ -118,6 +119,16 @@ def scan_fields(run: str, kind: str, seed: int | None, dataset: str, record: dic
           **{name: _optional(record.get(name)) for name in manifest.CONFOUNDER_COLUMNS}}
 
 
+def intracranial_ml(record: dict, voxel_ml: float) -> float | None:
+  """Total intracranial volume (mL) of a cached record: its nonzero voxels on the model grid
+  (the scan is skull-stripped, so they are the intracranial content) x ``voxel_ml``; None
+  for a record without a cached array."""
+  if not record.get("path"):
+    return None
+  with np.load(record["path"]) as data:
+    return float(data["brain"].sum()) * voxel_ml
+
+
 def scan_row(network: networks_lib.Network, dataset: str, record: dict,
              out: dict[str, Any], ood_reference: ood.Reference | None = None) -> dict:
   """The ``predictions.csv`` row of one scan (see :data:`COLUMNS`).
@@ -135,6 +146,7 @@ def scan_row(network: networks_lib.Network, dataset: str, record: dict,
   if "severity" in out:
     row["severity"] = record["severity"] if record["severity"] >= 0 else None
     row["predicted_severity"] = int(out["severity"])
+  row["tiv_ml"] = intracranial_ml(record, network.voxel_ml)
   if ood_reference is not None and "pooled" in out:
     row["ood_score"] = float(ood_reference.scores(out["pooled"][None])[0])
   return row

@@ -173,35 +173,77 @@ def challenge_table(rows: Sequence[dict]) -> Table:
                note="Weak networks are scored on their thresholded attention map.")
 
 
-def confounder_table(rows: Sequence[dict]) -> Table:
+COVARIATE_PREFIX = "cov_"
+
+
+def covariate_columns(group: Sequence[dict], covariates: Sequence[str]
+                      ) -> tuple[dict[str, np.ndarray], list[str]]:
+  """Regressors of the manifest covariates named in ``covariates`` over ``group``'s rows.
+
+  A covariate whose every value parses as a number is one numeric column; any
+  other is categorical, coded as one indicator per level but the first
+  (sorted), named ``<name>=<level>``. Rows carry the values as
+  ``cov_<name>`` (``analysis --covariates``).
+
+  Returns:
+    (name → (n,) values, notes on covariates left out: a missing value, one level).
+  """
+  columns, notes = {}, []
+  for name in covariates:
+    values = [r.get(COVARIATE_PREFIX + name) for r in group]
+    if any(v is None or str(v).strip() == "" for v in values):
+      notes.append(f"covariate {name!r} is missing for some scans: left out")
+      continue
+    try:
+      columns[name] = np.array([float(v) for v in values])
+      continue
+    except ValueError:
+      pass
+    levels = sorted({str(v) for v in values})
+    if len(levels) < 2:
+      notes.append(f"covariate {name!r} has one level ({levels[0]!r}): left out")
+      continue
+    for level in levels[1:]:
+      columns[f"{name}={level}"] = np.array([float(str(v) == level) for v in values])
+  return columns, notes
+
+
+def confounder_table(rows: Sequence[dict], covariates: Sequence[str] = ()) -> Table:
   """Paper §2.4: OLS of annotated on predicted volume, without/with confounders.
 
-  For every weak network on the local test set whose scans all carry the
-  same (non-empty) set of confounder volumes; ``r_<name>`` is the Pearson r of
-  the annotated volume with each confounder, ``p_<name>`` its coefficient's
-  p-value in the full model.
+  For every weak network on the local test set: the confounder volumes its
+  scans all carry (:data:`manifest.CONFOUNDER_COLUMNS` and the total
+  intracranial volume ``tiv_ml``), plus the manifest ``covariates`` named
+  (:func:`covariate_columns`: numeric, or categorical as indicators).
+  ``r_<name>`` is the Pearson r of the annotated volume with each regressor,
+  ``p_<name>`` its coefficient's p-value in the full model.
   """
-  table, notes = [], []
+  table, notes, names = [], [], []
   weak_local = [r for r in rows if r["kind"] == "weak" and r["dataset"] == records.LOCAL]
   for (run, seed), group in group_rows(weak_local, ("run", "seed")).items():
     group = [r for r in group if is_number(r["annotated_ml"]) and is_number(r["predicted_ml"])]
-    present = [c for c in manifest.CONFOUNDER_COLUMNS if all(is_number(r.get(c)) for r in group)]
-    if not present or len(group) < len(present) + 3:
-      notes.append(f"{run} seed {seed}: " + ("no confounder volumes in the manifest" if not
-                   present else f"{len(group)} scans are too few for {len(present)} confounders"))
-      continue
+    present = [c for c in (*manifest.CONFOUNDER_COLUMNS, "tiv_ml")
+               if all(is_number(r.get(c)) for r in group)]
     confounders = {c: _values(group, c) for c in present}
+    extra, skipped = covariate_columns(group, covariates)
+    confounders.update(extra)
+    notes += [f"{run} seed {seed}: {note}" for note in skipped]
+    if not confounders or len(group) < len(confounders) + 3:
+      notes.append(f"{run} seed {seed}: " + ("no confounder volumes in the manifest" if not
+                   confounders else f"{len(group)} scans are too few for {len(confounders)} "
+                   "confounders"))
+      continue
+    names += [c for c in confounders if c not in names]
     annotated = _values(group, "annotated_ml")
     fit = stats.confounder_regression(annotated, _values(group, "predicted_ml"), confounders)
     pearson = stats.pearson_with_confounders(annotated, confounders)
     table.append({"run": run, "seed": seed,
                   **{k: v for k, v in fit.items() if k != "confounder_p"},
-                  **{f"r_{c}": pearson[c] for c in present},
-                  **{f"p_{c}": fit["confounder_p"][c] for c in present}})
+                  **{f"r_{c}": pearson[c] for c in confounders},
+                  **{f"p_{c}": fit["confounder_p"][c] for c in confounders}})
   columns = (["run", "seed", "n", "r2_base", "r2_full", "coef_base", "coef_full", "p_base",
               "p_full", "f_confounders", "p_f_confounders", "df_confounders"]
-             + [f"r_{c}" for c in manifest.CONFOUNDER_COLUMNS]
-             + [f"p_{c}" for c in manifest.CONFOUNDER_COLUMNS])
+             + [f"r_{c}" for c in names] + [f"p_{c}" for c in names])
   note = "; ".join(notes) or ("" if table else "No weak run on the local test set.")
   return Table("confounders", "Weak networks, local test set: annotated ~ predicted "
                "(+ confounders)", columns, table, note=note)
@@ -376,12 +418,14 @@ def datasets_table(rows: Sequence[dict]) -> Table:
                                          "dice_scored"], table)
 
 
-def summarise(rows: Sequence[dict], n_boot: int = 1000, seed: int = 0) -> dict[str, Table]:
-  """Every summary table of the study from the per-scan rows (name → table)."""
+def summarise(rows: Sequence[dict], n_boot: int = 1000, seed: int = 0,
+              covariates: Sequence[str] = ()) -> dict[str, Table]:
+  """Every summary table of the study from the per-scan rows (name → table); ``covariates``
+  are manifest columns added to the confounder regression (:func:`confounder_table`)."""
   icc = icc_table(rows, n_boot, seed)
   icc_mean = icc_mean_table(icc)
   tables = [datasets_table(rows), icc, icc_mean, comparison_table(icc_mean),
-            challenge_table(rows), confounder_table(rows), dice_vs_icc_table(icc),
+            challenge_table(rows), confounder_table(rows, covariates), dice_vs_icc_table(icc),
             severity_table(rows)]
   return {table.name: table for table in tables}
 
