@@ -415,3 +415,21 @@ def test_to_native_rejects_wrong_shape(phantom_files):
   out = nifti.preprocess(nifti.load_image(flair), None, SMALL_SPEC)
   with pytest.raises(ValueError, match="model grid"):
     nifti.to_native(np.zeros((3, 3, 3)), out.geometry)
+
+
+def test_voxel_limit_is_configurable_and_refuses_from_the_header_alone(tmp_path, monkeypatch):
+  """$WMH_JAX_MAX_VOXELS lowers the limit; a header over it is refused without reading data
+  (the file's data section here is 64 bytes, far short of what the header declares)."""
+  path = _raw_header(tmp_path / "big.nii", (64, 64, 32))
+  monkeypatch.setenv(nifti.MAX_VOXELS_ENV, "100000")
+  with pytest.raises(InputError, match=r"at most 100000 voxels.*refused before reading data"):
+    nifti.load_image(path)
+  good = _good(tmp_path)  # 16 x 16 x 8 = 2048 voxels
+  monkeypatch.setenv(nifti.MAX_VOXELS_ENV, "2047")
+  with pytest.raises(InputError, match="absurd dimensions"):
+    nifti.load_image(good)
+  monkeypatch.setenv(nifti.MAX_VOXELS_ENV, "2048")
+  assert nifti.load_image(good).data.shape == (16, 16, 8)
+  monkeypatch.setenv(nifti.MAX_VOXELS_ENV, "lots")
+  with pytest.raises(ValueError, match="positive integer"):
+    nifti.max_voxels()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import shutil
@@ -415,3 +416,28 @@ def test_collect_inputs_files_folders_manifests(tmp_path, write_nifti):
   assert [(s.scan_id, s.path.name, s.folder) for s in inputs] == [
       ("x", "x.nii.gz", "x"), ("x", "x.nii.gz", "x_2"), ("y", "y.nii", "y"),
       ("id/1", "x.nii.gz", "id_1")]
+
+
+def test_a_full_disk_reports_the_scan_and_leaves_no_half_written_file(runs, tmp_path,
+                                                                      monkeypatch, capsys):
+  """ENOSPC in the middle of writing one scan's map: that scan is reported (one line, its
+  status), its partial temp file is gone, no done.json marks it, the other scans finish."""
+  real_save = nifti.nib.save
+
+  def save(image, filename):
+    if "s05_flair" in str(filename) and "attention_mask" in str(filename):
+      Path(filename).write_bytes(b"\0" * 100)  # half a file, then the disk is full
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return real_save(image, filename)
+
+  monkeypatch.setattr(nifti.nib, "save", save)
+  out = tmp_path / "preds"
+  scans = [str(runs["data"] / f"s0{i}_flair.nii.gz") for i in (4, 5, 6)]
+  assert predict.main([f"--checkpoints={runs['weak']}", f"--out={out}", *scans]) == 1
+  assert "s05_flair.nii.gz: could not write its outputs: No space left on device" in (
+      capsys.readouterr().err)
+  rows = {r["scan_id"]: r for r in _rows(out / "volumes.csv")}
+  assert rows["s04_flair"]["status"] == rows["s06_flair"]["status"] == "ok"
+  assert rows["s05_flair"]["status"].startswith("could not write its outputs")
+  assert not (out / "s05_flair" / "done.json").exists()
+  assert not [p for p in out.rglob(".*")]  # no temp file left anywhere

@@ -401,7 +401,10 @@ def predict(inputs: Sequence[ScanInput], models: Sequence[networks.Network], out
       summary.processed += 1
       summary.timings.append(timing)
     except Exception as err:  # pylint: disable=broad-except  # batch jobs carry on
-      reason = err.reason if isinstance(err, WMHError) else f"unexpected error: {err!r}"
+      reason = (err.reason if isinstance(err, WMHError)
+                else f"could not write its outputs: {err.strerror or err} (nothing half-written "
+                     f"is left; rerun with --resume)" if isinstance(err, OSError)
+                else f"unexpected error: {err!r}")
       tqdm.tqdm.write(f"{item.path}: {reason}", file=sys.stderr)
       rows.append({**row, "status": reason})
       fileio.write_csv(out_dir / CSV_NAME, columns, rows)

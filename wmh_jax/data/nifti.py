@@ -35,7 +35,8 @@ from wmh_jax import fileio
 from wmh_jax.errors import InputError
 
 MAX_DIM = 2048                 # voxels along one axis
-MAX_VOXELS = 512 * 1024 ** 2   # voxels in one volume
+MAX_VOXELS = 512 * 1024 ** 2   # voxels in one volume (2 GiB as float32); see max_voxels()
+MAX_VOXELS_ENV = "WMH_JAX_MAX_VOXELS"
 MIN_SPACING_MM = 0.05
 MAX_SPACING_MM = 20.0
 AFFINE_ORTHO_TOL = 1e-3        # |cos| between affine axes (shear check)
@@ -184,6 +185,22 @@ def _check_file(path: Path) -> None:
     raise InputError(path, "unreadable (permission denied)")
 
 
+def max_voxels() -> int:
+  """The largest volume (voxels) a header may declare: ``$WMH_JAX_MAX_VOXELS``, else
+  :data:`MAX_VOXELS`. A small ``.nii.gz`` can declare tens of GB; the check reads the header
+  only, so such a file is refused before anything is decompressed.
+
+  Raises:
+    ValueError: the variable is set but not a positive integer.
+  """
+  value = os.environ.get(MAX_VOXELS_ENV, "")
+  if not value:
+    return MAX_VOXELS
+  if not value.isdigit() or int(value) < 1:
+    raise ValueError(f"${MAX_VOXELS_ENV}={value!r} must be a positive integer")
+  return int(value)
+
+
 def _open(path: Path) -> tuple[nib.Nifti1Image, tuple[int, int, int]]:
   """Opens the header and validates shape, spacing and affine; no voxel data read.
 
@@ -202,9 +219,10 @@ def _open(path: Path) -> tuple[nib.Nifti1Image, tuple[int, int, int]]:
     shape = shape[:3]
   if len(shape) != 3:
     raise InputError(path, f"not a 3D volume (shape {shape})")
-  if min(shape) < 1 or max(shape) > MAX_DIM or np.prod(shape, dtype=np.int64) > MAX_VOXELS:
-    raise InputError(path, f"absurd dimensions {shape} (each 1..{MAX_DIM}, "
-                     f"at most {MAX_VOXELS} voxels)")
+  limit = max_voxels()
+  if min(shape) < 1 or max(shape) > MAX_DIM or np.prod(shape, dtype=np.int64) > limit:
+    raise InputError(path, f"absurd dimensions {shape} (each 1..{MAX_DIM}, at most {limit} "
+                     f"voxels; ${MAX_VOXELS_ENV} sets the limit), refused before reading data")
   _check_spacing(path, _raw_pixdim(img))
   _check_affine(path, img.affine)
   return img, shape
