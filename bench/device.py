@@ -146,18 +146,17 @@ class DeviceBench:
       first = self._time_step(config, training.BATCH, repeats, section)
       if first is None:
         continue
-      self.step_times[(kind, dtype)] = first
-      batch = largest_batch_guess(self._last_temp_bytes, memory)
+      self.step_times[(kind, dtype)], temp_bytes = first
+      batch = largest_batch_guess(temp_bytes, memory)
       while batch > training.BATCH and self._time_step(config, batch, repeats, section) is None:
         batch = batch // 2 // 4 * 4
       section.table = report.markdown_table(headers, self.step_rows)
       self.save()
 
-  _last_temp_bytes: int | None = None
-
   def _time_step(self, config: ml_collections.ConfigDict, batch_size: int, repeats: int,
-                 section: report.Section) -> float | None:
-    """Times one setting and adds its row; the median s/step, or None if it failed."""
+                 section: report.Section) -> tuple[float, int | None] | None:
+    """Times one setting and adds its row; (median s/step, XLA temporaries in bytes), or
+    None if it failed."""
     config = ml_collections.ConfigDict(config.to_dict())
     config.train.batch_size = batch_size
     label = f"{config.model.kind} {config.model.dtype} batch {batch_size}"
@@ -177,7 +176,7 @@ class DeviceBench:
     cost = throughput.StepCost(batch_size=batch_size, voxels_per_scan=voxels, num_devices=1,
                                flops=step.flops, peak_name=name, peak_tflops=peak)
     rates = cost.rates(median)
-    self._last_temp_bytes = step.temp_bytes
+    temp_bytes = step.temp_bytes
     self.step_rows.append([
         config.model.kind, config.model.dtype, batch_size, report.fmt(median),
         report.fmt(rates["scans_per_s"]), report.fmt(rates["voxels_per_s"] / 1e6),
@@ -187,7 +186,7 @@ class DeviceBench:
         report.fmt(step.temp_bytes / 2**30) if step.temp_bytes else "—"])
     del step
     gc.collect()
-    return median
+    return median, temp_bytes
 
   def loader(self, train_records: list[dict]) -> None:
     """Loader throughput on the cohort with 1, 2 and all cores."""

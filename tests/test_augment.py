@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 
-from tolerances import float32_rtol
+from tolerances import device_resample_atol, float32_rtol
 from wmh_jax import configs
 from wmh_jax.data import augment
 
@@ -212,12 +212,8 @@ def test_device_resample_equals_the_host_path():
     matrix = augment.sample_affine(rng, shape, spacing, _paper_augment())
     host_image, host_mask = augment.apply_affine(image, mask, matrix)
     device_image, device_mask = map(np.asarray, resample(image, mask, matrix.astype(np.float32)))
-    # Coordinates a x + b y + c in float32 (matrix rounded, 3 operations) against float64:
-    # error x the largest step between neighbouring voxels (< 1 in [0, 1)).
-    magnitude = np.abs(matrix[:3, :3]) @ (np.asarray(shape) - 1) + np.abs(matrix[:3, 3])
-    coordinate_error = float32_rtol(3, ops=3) * magnitude.max()
     np.testing.assert_allclose(device_image, host_image, rtol=0,
-                               atol=INTERP_ATOL + coordinate_error)
+                               atol=device_resample_atol(matrix, shape))  # images in [0, 1)
     assert device_mask.sum() == host_mask.sum()
     # A voxel may swap with a near-tied neighbour; anything more is a bug.
     assert np.count_nonzero(device_mask != host_mask) <= 2, matrix

@@ -78,6 +78,19 @@ def bfloat16_rtol(layers: int, ops: int = 0) -> float:
   return (3 * layers + ops) * EPS_BF16
 
 
+def device_resample_atol(matrix: np.ndarray, shape, value_range: float = 1.0) -> float:
+  """Absolute tolerance of the device resample (float32 coordinates) against the host's.
+
+  Both interpolate 8 float32 terms with ~6 rounded weight operations each
+  (:func:`float32_rtol`, both sides); the device also computes the coordinates
+  ``a x + b y + c`` in float32 from a float32-rounded matrix (3 operations),
+  an error that moves the result by at most its size times the largest step
+  between neighbouring voxels, bounded by ``value_range``.
+  """
+  magnitude = np.abs(matrix[:3, :3]) @ (np.asarray(shape) - 1) + np.abs(matrix[:3, 3])
+  return value_range * (float32_rtol(8, ops=6, sides=2) + float32_rtol(3, ops=3) * magnitude.max())
+
+
 def float64_rtol(n_terms: int, ops: int = 0, sides: int = 1) -> float:
   """:func:`float32_rtol` for float64 arithmetic."""
   return sides * (n_terms + ops) * EPS64

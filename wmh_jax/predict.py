@@ -38,8 +38,6 @@ MODEL_COLUMNS = {
     "joint": ("volume_ml", "seg_volume_ml", "soft_volume_ml"),
     "severity": ("severity",),
 }
-# Kinds whose groups get an out-of-distribution score (evaluation.ood).
-OOD_KINDS = ood.KINDS
 # Ensemble statistic column prefix of each volume output.
 STAT_PREFIX = {"volume_ml": "", "seg_volume_ml": "seg_", "soft_volume_ml": "soft_"}
 DONE = "done.json"
@@ -208,7 +206,7 @@ def _group_keys(kind: str) -> list[str]:
       keys += [f"{STAT_PREFIX[key]}mean_ml", f"{STAT_PREFIX[key]}sd_ml"]
     if key == "volume_ml":
       keys += ["lo_ml", "hi_ml"]
-  if kind in OOD_KINDS:
+  if kind in ood.KINDS:
     keys += ["ood_score", "ood_flag"]
   return keys
 
@@ -275,7 +273,7 @@ def _predict_scan(item: ScanInput, groups: dict[str, list[networks.Network]], me
                    if calibration is not None else ("", ""))
       ensembles[group].update(lo_ml=float(low) if calibration else "",
                               hi_ml=float(high) if calibration else "")
-    if models[0].kind in OOD_KINDS:
+    if models[0].kind in ood.KINDS:
       ensembles[group].update(group_ood(models, outputs))
     row.update({f"{group}_{k}": ensembles[group][k] for k in _group_keys(models[0].kind)})
   timing["model"] = time.perf_counter() - start

@@ -140,22 +140,50 @@ def _extreme_points(mask: np.ndarray) -> np.ndarray:
                          np.stack([xs, last, zs], 1)]).astype(np.float64)
 
 
-def _linear_taps(coords: np.ndarray, n: int
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _linear_taps(coords, n: int, xp=np):
   """Neighbour indices and linear weights along one axis of length ``n``.
 
   Coordinates outside ``[0, n-1]`` (beyond a tiny tolerance) get zero weights,
-  which is ``mode="constant", cval=0``.
+  which is ``mode="constant", cval=0``. ``xp`` is the array module: numpy on
+  the host, ``jax.numpy`` in the train step (`device_augment`).
 
   Returns:
     ``(i0, i1, w0, w1)``: int indices and float32 weights, each ``coords.shape``.
   """
+  index_dtype = np.intp if xp is np else xp.int32
   valid = (coords >= -_EDGE_TOLERANCE_VOX) & (coords <= n - 1 + _EDGE_TOLERANCE_VOX)
-  coords = np.clip(coords, 0.0, n - 1.0)
-  i0 = np.minimum(np.floor(coords).astype(np.intp), max(n - 2, 0))
+  coords = xp.clip(coords, 0.0, n - 1.0)
+  i0 = xp.minimum(xp.floor(coords).astype(index_dtype), max(n - 2, 0))
   frac = coords - i0
-  i1 = np.minimum(i0 + 1, n - 1)
-  return i0, i1, ((1.0 - frac) * valid).astype(np.float32), (frac * valid).astype(np.float32)
+  i1 = xp.minimum(i0 + 1, n - 1)
+  return i0, i1, ((1.0 - frac) * valid).astype(xp.float32), (frac * valid).astype(xp.float32)
+
+
+def resample_taps(matrix, shape, xp=np):
+  """The separable interpolation of a block-diagonal pull ``matrix`` on a ``shape`` grid.
+
+  Trilinear interpolation separates into linear interpolation along z and a
+  bilinear gather in-plane; both arrays of a pair share these taps.
+
+  Args:
+    matrix: ``(4, 4)`` pull matrix (output voxel → input voxel), about z.
+    shape: ``(x, y, z)`` in voxels.
+    xp: the array module (numpy, or ``jax.numpy`` on the device).
+  Returns:
+    ``((z0, z1, wz0, wz1), corners)``: the z taps (each ``(z,)``) and the four
+    in-plane corners ``[(flat x*ny + y index, weight)]``, each ``(x*y,)``.
+  """
+  linear, offset = matrix[:3, :3], matrix[:3, 3]
+  nx, ny, nz = shape
+  z_taps = _linear_taps(linear[2, 2] * xp.arange(nz) + offset[2], nz, xp)
+  gx, gy = xp.meshgrid(xp.arange(nx), xp.arange(ny), indexing="ij")
+  cx = (linear[0, 0] * gx + linear[0, 1] * gy + offset[0]).ravel()
+  cy = (linear[1, 0] * gx + linear[1, 1] * gy + offset[1]).ravel()
+  x0, x1, wx0, wx1 = _linear_taps(cx, nx, xp)
+  y0, y1, wy0, wy1 = _linear_taps(cy, ny, xp)
+  corners = [(x0 * ny + y0, wx0 * wy0), (x0 * ny + y1, wx0 * wy1),
+             (x1 * ny + y0, wx1 * wy0), (x1 * ny + y1, wx1 * wy1)]
+  return z_taps, corners
 
 
 def apply_affine(image: np.ndarray, mask: np.ndarray | None, matrix: np.ndarray
@@ -180,19 +208,12 @@ def apply_affine(image: np.ndarray, mask: np.ndarray | None, matrix: np.ndarray
   Raises:
     ValueError: if ``matrix`` mixes z with the in-plane axes.
   """
-  linear, offset = matrix[:3, :3], matrix[:3, 3]
+  linear = matrix[:3, :3]
   if np.abs(linear[2, :2]).max() > 1e-9 or np.abs(linear[:2, 2]).max() > 1e-9:
     raise ValueError("apply_affine needs an in-plane (about z) affine; got "
                      f"{np.array2string(linear, precision=3)}")
   nx, ny, nz = image.shape
-  z0, z1, wz0, wz1 = _linear_taps(linear[2, 2] * np.arange(nz) + offset[2], nz)
-  gx, gy = np.meshgrid(np.arange(nx), np.arange(ny), indexing="ij")
-  cx = (linear[0, 0] * gx + linear[0, 1] * gy + offset[0]).ravel()
-  cy = (linear[1, 0] * gx + linear[1, 1] * gy + offset[1]).ravel()
-  x0, x1, wx0, wx1 = _linear_taps(cx, nx)
-  y0, y1, wy0, wy1 = _linear_taps(cy, ny)
-  corners = [(x0 * ny + y0, wx0 * wy0), (x0 * ny + y1, wx0 * wy1),
-             (x1 * ny + y0, wx1 * wy0), (x1 * ny + y1, wx1 * wy1)]
+  (z0, z1, wz0, wz1), corners = resample_taps(matrix, image.shape)
 
   def resample(array: np.ndarray) -> np.ndarray:
     array = np.asarray(array, np.float32)

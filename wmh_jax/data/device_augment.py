@@ -23,17 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from wmh_jax.data.augment import _EDGE_TOLERANCE_VOX
-
-
-def _linear_taps(coords: jax.Array, n: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """`augment._linear_taps` in JAX: (i0, i1, w0, w1), zero weights outside [0, n-1]."""
-  valid = (coords >= -_EDGE_TOLERANCE_VOX) & (coords <= n - 1 + _EDGE_TOLERANCE_VOX)
-  coords = jnp.clip(coords, 0.0, n - 1.0)
-  i0 = jnp.minimum(jnp.floor(coords).astype(jnp.int32), max(n - 2, 0))
-  frac = coords - i0
-  i1 = jnp.minimum(i0 + 1, n - 1)
-  return i0, i1, (1.0 - frac) * valid, frac * valid
+from wmh_jax.data import augment
 
 
 def resample_pair(image: jax.Array, mask: jax.Array, matrix: jax.Array
@@ -45,17 +35,7 @@ def resample_pair(image: jax.Array, mask: jax.Array, matrix: jax.Array
   {0, 1}), both (x, y, z).
   """
   nx, ny, nz = image.shape
-  linear, offset = matrix[:3, :3], matrix[:3, 3]
-  z0, z1, wz0, wz1 = _linear_taps(linear[2, 2] * jnp.arange(nz, dtype=jnp.float32) + offset[2],
-                                  nz)
-  gx, gy = jnp.meshgrid(jnp.arange(nx, dtype=jnp.float32), jnp.arange(ny, dtype=jnp.float32),
-                        indexing="ij")
-  cx = (linear[0, 0] * gx + linear[0, 1] * gy + offset[0]).ravel()
-  cy = (linear[1, 0] * gx + linear[1, 1] * gy + offset[1]).ravel()
-  x0, x1, wx0, wx1 = _linear_taps(cx, nx)
-  y0, y1, wy0, wy1 = _linear_taps(cy, ny)
-  corners = [(x0 * ny + y0, wx0 * wy0), (x0 * ny + y1, wx0 * wy1),
-             (x1 * ny + y0, wx1 * wy0), (x1 * ny + y1, wx1 * wy1)]
+  (z0, z1, wz0, wz1), corners = augment.resample_taps(matrix, image.shape, jnp)
 
   def resample(array: jax.Array) -> jax.Array:
     along_z = (jnp.take(array, z0, axis=2) * wz0 + jnp.take(array, z1, axis=2) * wz1)
