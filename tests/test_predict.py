@@ -1,4 +1,5 @@
-"""predict CLI: native-space round trip, end to end, bad inputs, ensembles, resume, TTA."""
+"""predict CLI: native-space round trip, end to end, bad inputs, ensembles, resume, TTA,
+BIDS derivatives."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import pytest
 
 import tiny_data
 from tolerances import bfloat16_rtol, float32_rtol
-from wmh_jax import checkpoint, models, networks, predict, sharding, train
+from wmh_jax import checkpoint, derivatives, models, networks, predict, sharding, train
 from wmh_jax.data import cache, manifest, nifti, pipeline, records
 from wmh_jax.evaluation import conformal
 
@@ -277,6 +278,74 @@ def test_resume_skips_finished_scans_and_tta_reruns(runs, tmp_path, capsys):
   done = json.loads((out / "s03_flair" / "done.json").read_text())
   assert done["signature"]["tta"] is True
   assert done["row"]["weak_mean_ml"] == pytest.approx(float(tta[0]["weak_mean_ml"]))
+
+
+def test_bids_derivatives_beside_a_non_bids_input_that_fails(runs, tmp_path, capsys):
+  """import-bids -> predict --bids-out: the derivative dataset's files, sidecars and TSV;
+  a non-BIDS input gets its reason and the others go on; --resume re-exports the same."""
+  data, raw = runs["data"], tmp_path / "ds"
+  sources = {"sub-01/ses-1/anat/sub-01_ses-1_FLAIR.nii.gz": "s00_flair.nii.gz",
+             "sub-02/anat/sub-02_FLAIR.nii.gz": "s01_flair.nii.gz"}
+  for target, source in sources.items():
+    (raw / target).parent.mkdir(parents=True)
+    shutil.copyfile(data / source, raw / target)
+  (raw / "dataset_description.json").write_text('{"Name": "t", "BIDSVersion": "1.10.0"}')
+  assert manifest.main(["import-bids", str(raw), f"--out={tmp_path / 'm.csv'}"]) == 0
+  out, deriv = tmp_path / "preds", raw / "derivatives" / "wmh_jax"
+  args = [str(tmp_path / "m.csv"), str(data / "s02_flair.nii.gz"),
+          f"--checkpoints={runs['weak']},{runs['strong']}", f"--out={out}", f"--bids-out={deriv}"]
+  capsys.readouterr()
+  assert predict.main(args) == 1
+  err = capsys.readouterr().err
+  assert f"{data / 's02_flair.nii.gz'}: not a BIDS name: " in err
+
+  description = json.loads((deriv / "dataset_description.json").read_text())
+  assert description["DatasetType"] == "derivative"
+  generated = description["GeneratedBy"][0]
+  assert generated["Name"] == "wmh-jax" and generated["Version"]
+  assert generated["Description"].startswith("command: python -m wmh_jax.predict ")
+  assert f"--bids-out={deriv}" in generated["Description"]
+  assert description["DatasetLinks"] == {"raw": raw.as_uri()}
+  anat = deriv / "sub-01" / "ses-1" / "anat"
+  stem = "sub-01_ses-1_space-orig_desc-"
+  expected = {f"{stem}wmhWeak_mask": "weak_attention_mask",
+              f"{stem}wmhWeakAttention_map": "weak_attention",
+              f"{stem}wmhStrong_mask": "strong_mask", f"{stem}wmhStrong_probseg": "strong_prob"}
+  assert sorted(p.name for p in anat.iterdir()) == sorted(
+      f"{name}{ext}" for name in expected for ext in (".nii.gz", ".json"))
+  for name, produced in expected.items():
+    np.testing.assert_array_equal(nib.load(anat / f"{name}.nii.gz").get_fdata(),
+                                  nib.load(out / "sub-01_ses-1" / f"{produced}.nii.gz").get_fdata())
+    sidecar = json.loads((anat / f"{name}.json").read_text())
+    assert sidecar["Sources"] == ["bids:raw:sub-01/ses-1/anat/sub-01_ses-1_FLAIR.nii.gz"]
+  assert (deriv / "sub-02" / "anat" / "sub-02_space-orig_desc-wmhStrong_mask.nii.gz").is_file()
+
+  with (deriv / "volumes.tsv").open(newline="") as f:
+    tsv = list(csv.DictReader(f, delimiter="\t"))
+  by_scan = {r["scan_id"]: r for r in _rows(out / "volumes.csv")}
+  assert [(r["participant_id"], r["session_id"]) for r in tsv] == [("sub-01", "ses-1"),
+                                                                  ("sub-02", "n/a")]
+  for row in tsv:
+    assert row["weak_mean_ml"] == by_scan[row["scan_id"]]["weak_mean_ml"]
+    assert row["strong_sd_ml"] == "nan"  # one strong seed
+  assert by_scan["s02_flair"]["status"].startswith("not a BIDS name")
+  units = json.loads((deriv / "volumes.json").read_text())
+  assert units["weak_mean_ml"]["Units"] == "mL"
+
+  before = (deriv / "volumes.tsv").read_text()
+  assert predict.main(args + ["--resume"]) == 1
+  assert "0 scans processed, 1 failed, 2 skipped" in capsys.readouterr().out
+  assert (deriv / "volumes.tsv").read_text() == before
+  assert not [p for p in deriv.rglob(".*")]  # no temp files left behind
+
+
+def test_desc_label_and_map_names():
+  assert derivatives.desc_label("seed_sweep-2", ["seed_sweep-2"]) == "wmh"
+  assert derivatives.desc_label("seed_sweep-2", ["a", "seed_sweep-2"]) == "wmhSeedsweep2"
+  assert derivatives.map_entities("attention_mask", "wmh", has_segmentation=False)[:2] == (
+      "wmh", "mask")
+  assert derivatives.map_entities("attention_mask", "wmh", has_segmentation=True)[:2] == (
+      "wmhAttention", "mask")
 
 
 def test_bfloat16_run_restores_under_either_dtype(runs):

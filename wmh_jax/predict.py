@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import statistics
 import sys
 import time
@@ -26,9 +27,9 @@ import numpy as np
 import tqdm
 from jax.sharding import Mesh
 
-from wmh_jax import cli, fileio, networks, qc, sharding
-from wmh_jax.data import manifest, nifti
-from wmh_jax.errors import WMHError
+from wmh_jax import cli, derivatives, fileio, networks, qc, sharding
+from wmh_jax.data import bids, manifest, nifti
+from wmh_jax.errors import InputError, WMHError
 from wmh_jax.evaluation import attention as attention_lib, conformal, ood
 
 # Per-model CSV columns (keys of inference.physical_outputs) by model kind.
@@ -315,18 +316,51 @@ def _write_qc(folder: Path, groups: dict[str, list[networks.Network]], ensembles
   return "qc.png"
 
 
-def _finished(folder: Path, signature: dict) -> dict | None:
-  """The stored row of a completed scan with the same signature, else None."""
+def _finished(folder: Path, signature: dict) -> tuple[dict, list[str]] | None:
+  """(stored row, file names) of a completed scan with the same signature, else None."""
   try:
     done = json.loads((folder / DONE).read_text())
   except (OSError, ValueError):
     return None
   complete = all((folder / name).is_file() for name in done.get("files", []))
-  return done["row"] if done.get("signature") == signature and complete else None
+  return (done["row"], done["files"]) if done.get("signature") == signature and complete else None
+
+
+def bids_names(inputs: Sequence[ScanInput]) -> tuple[dict[str, bids.BidsName], dict[str, str]]:
+  """Parsed BIDS names of the inputs by output folder, and the reason for each input
+  without a usable one (not a BIDS name, or the same entities as an earlier input)."""
+  names: dict[str, bids.BidsName] = {}
+  errors: dict[str, str] = {}
+  seen: dict[str, Path] = {}
+  for item in inputs:
+    try:
+      name = bids.parse_name(item.path)
+    except InputError as err:
+      errors[item.folder] = err.reason + " (needed by --bids_out)"
+      continue
+    stem = name.stem(name.source_entities())
+    if stem in seen:
+      errors[item.folder] = f"same BIDS entities as {seen[stem]} (needed by --bids_out)"
+      continue
+    seen[stem] = item.path
+    names[item.folder] = name
+  return names, errors
 
 
 # ---------------------------------------------------------------------------
 # The run
+
+
+@dataclasses.dataclass(frozen=True)
+class BidsOutput:
+  """Where and how ``predict`` writes BIDS derivatives (`wmh_jax.derivatives`).
+
+  Attributes:
+    folder: the derivative dataset, e.g. ``<bids root>/derivatives/wmh_jax``.
+    command: the command line, for ``dataset_description.json``.
+  """
+  folder: Path
+  command: str
 
 
 @dataclasses.dataclass
@@ -347,10 +381,19 @@ class Summary:
             f"{median('preprocess')}, model {median('model')}, writing {median('write')}")
 
 
+def _report_failure(item: ScanInput, reason: str, row: dict[str, Any], rows: list[dict],
+                    summary: Summary, out_dir: Path, columns: Sequence[str]) -> None:
+  """One line on stderr; the scan's row gets ``reason`` as its status; volumes.csv rewritten."""
+  tqdm.tqdm.write(f"{item.path}: {reason}", file=sys.stderr)
+  rows.append({**row, "status": reason})
+  fileio.write_csv(out_dir / CSV_NAME, columns, rows)
+  summary.failed += 1
+
+
 def predict(inputs: Sequence[ScanInput], models: Sequence[networks.Network], out_dir: Path,
             mesh: Mesh, *, tta: bool = False, resume: bool = False,
-            interval_level: float = conformal.DEFAULT_LEVEL, qc_pictures: bool = False
-            ) -> Summary:
+            interval_level: float = conformal.DEFAULT_LEVEL, qc_pictures: bool = False,
+            bids_output: BidsOutput | None = None) -> Summary:
   """Predicts every scan, writing maps, ``done.json`` and volumes.csv as it goes.
 
   A scan that raises a :class:`WMHError` (or any other error) is reported on
@@ -358,7 +401,9 @@ def predict(inputs: Sequence[ScanInput], models: Sequence[networks.Network], out
   Volume groups get split-conformal intervals at ``interval_level``, calibrated
   on their runs' stored validation predictions (`conformal.ensemble_calibration`).
   With ``qc_pictures``, each scan also gets ``qc.png`` and the run a ``qc.md``
-  index (`wmh_jax.qc`).
+  index (`wmh_jax.qc`). With ``bids_output``, the maps and volumes are also laid out
+  as a BIDS derivative dataset (`wmh_jax.derivatives`); an input whose file name
+  is not a BIDS name fails with that reason.
   """
   out_dir.mkdir(parents=True, exist_ok=True)
   groups = networks.group_networks(models)
@@ -371,17 +416,24 @@ def predict(inputs: Sequence[ScanInput], models: Sequence[networks.Network], out
                       "wmh-jax): volumes without intervals", file=sys.stderr)
   signature = {"models": [m.source for m in models], "tta": tta,
                "interval_level": interval_level, "qc": qc_pictures}
+  names, name_errors = bids_names(inputs) if bids_output else ({}, {})
   rows: list[dict[str, Any]] = []
   summary = Summary()
   for item in tqdm.tqdm(inputs, desc="predict", unit="scan", file=sys.stderr):
     folder = out_dir / item.folder
+    row, timing = _base_row(item, groups), {}
+    if item.folder in name_errors:
+      _report_failure(item, name_errors[item.folder], row, rows, summary, out_dir, columns)
+      continue
     stored = _finished(folder, signature) if resume else None
     if stored is not None:
-      rows.append(stored)
+      rows.append(stored[0])
+      if bids_output:
+        derivatives.export_scan(bids_output.folder, names[item.folder], item.path, folder,
+                                stored[1], list(groups))
       summary.skipped += 1
       continue
     (folder / DONE).unlink(missing_ok=True)
-    row, timing = _base_row(item, groups), {}
     try:
       values, ensembles, grids = _predict_scan(item, groups, mesh, tta, timing, calibrations)
       start = time.perf_counter()
@@ -391,6 +443,9 @@ def predict(inputs: Sequence[ScanInput], models: Sequence[networks.Network], out
       row.update(values, status="ok")
       if qc_pictures:
         files.append(_write_qc(folder, groups, ensembles, grids, row, item.scan_id))
+      if bids_output:
+        derivatives.export_scan(bids_output.folder, names[item.folder], item.path, folder,
+                                files, list(groups))
       fileio.atomic_write_text(folder / DONE, json.dumps(
           {"row": row, "files": files, "signature": signature}, indent=1))
       rows.append(row)
@@ -403,11 +458,15 @@ def predict(inputs: Sequence[ScanInput], models: Sequence[networks.Network], out
                 else f"could not write its outputs: {err.strerror or err} (nothing half-written "
                      f"is left; rerun with --resume)" if isinstance(err, OSError)
                 else f"unexpected error: {err!r}")
-      tqdm.tqdm.write(f"{item.path}: {reason}", file=sys.stderr)
-      rows.append({**row, "status": reason})
-      fileio.write_csv(out_dir / CSV_NAME, columns, rows)
-      summary.failed += 1
+      _report_failure(item, reason, row, rows, summary, out_dir, columns)
   fileio.write_csv(out_dir / CSV_NAME, columns, rows)
+  if bids_output:
+    derivatives.write_volumes(bids_output.folder, columns, rows,
+                              [names.get(item.folder) for item in inputs])
+    roots = {derivatives.raw_root(names[item.folder], item.path) for item in inputs
+             if item.folder in names}
+    derivatives.write_description(bids_output.folder, bids_output.command,
+                                  roots.pop() if len(roots) == 1 else None)
   if qc_pictures:
     qc.write_index(out_dir, [{**r, "folder": item.folder} for r, item in zip(rows, inputs)],
                    list(groups))
@@ -433,12 +492,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--interval_level", type=float, default=conformal.DEFAULT_LEVEL,
                       help="nominal coverage of the <group>_lo_ml/_hi_ml volume intervals "
                            "(split-conformal, calibrated on the run's validation scans)")
+  parser.add_argument("--bids_out", "--bids-out", type=Path, default=None, metavar="DIR",
+                      help="also write a BIDS derivative dataset there (e.g. "
+                           "<bids root>/derivatives/wmh_jax): inputs must have BIDS names")
   cli.add_arguments(parser)
   return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   """CLI entry; returns the exit code (0 ok, 1 some scan failed, 2 usage error)."""
+  argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
   cli.start(args.verbosity, args.compilation_cache)
   try:
@@ -457,7 +520,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           file=sys.stderr)
     return 2
   summary = predict(inputs, models, args.out, mesh, tta=args.tta, resume=args.resume,
-                    interval_level=args.interval_level, qc_pictures=args.qc)
+                    interval_level=args.interval_level, qc_pictures=args.qc,
+                    bids_output=None if args.bids_out is None else BidsOutput(
+                        args.bids_out, shlex.join(["python", "-m", "wmh_jax.predict", *argv])))
   print(summary.line() + f" -> {args.out / CSV_NAME}", flush=True)
   return 1 if summary.failed else 0
 

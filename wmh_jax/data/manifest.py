@@ -28,6 +28,8 @@ Command line::
   python -m wmh_jax.data.manifest import-challenge ROOT --out=manifest.csv [--seed=0]
   python -m wmh_jax.data.manifest import-glob --images='scans/*.nii.gz' \\
       [--masks='labels/*.nii.gz'] --out=manifest.csv [--seed=0]
+  python -m wmh_jax.data.manifest import-bids ROOT [--derivatives=ROOT/derivatives/x] \\
+      [--mask_desc=wmh] [--suffix=FLAIR] --out=manifest.csv [--seed=0]
   python -m wmh_jax.data.manifest validate manifest.csv
 """
 
@@ -45,7 +47,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from wmh_jax import fileio
-from wmh_jax.data import nifti
+from wmh_jax.data import bids, nifti
 from wmh_jax.errors import InputError, ManifestError
 
 REQUIRED = ("subject_id", "scan_id", "image")
@@ -425,7 +427,14 @@ def _parser() -> argparse.ArgumentParser:
   globs = commands.add_parser("import-glob", help="glob patterns → CSV")
   globs.add_argument("--images", required=True)
   globs.add_argument("--masks", default=None)
-  for sub in (challenge, globs):
+  bids_parser = commands.add_parser("import-bids", help="BIDS dataset → CSV")
+  bids_parser.add_argument("root")
+  bids_parser.add_argument("--derivatives", default=None,
+                           help="derivatives dataset holding the masks (default: no masks)")
+  bids_parser.add_argument("--mask_desc", default="wmh",
+                           help="desc label of the masks: *_desc-<mask_desc>_mask.nii.gz")
+  bids_parser.add_argument("--suffix", default="FLAIR", help="image suffix to import")
+  for sub in (challenge, globs, bids_parser):
     sub.add_argument("--out", required=True)
     sub.add_argument("--seed", type=int, default=0, help="split seed")
   check = commands.add_parser("validate", help="load every image and mask")
@@ -442,16 +451,23 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(line)
     print(f"{args.manifest}: {len(errors)} problem(s)", file=sys.stderr)
     return 1 if errors else 0
+  problems: list[str] = []
   try:
     if args.command == "import-challenge":
       rows = from_challenge_layout(args.root, args.dataset)
+    elif args.command == "import-bids":
+      rows, problems = bids.from_bids(args.root, args.derivatives, args.mask_desc, args.suffix)
     else:
       rows = from_globs(args.images, args.masks)
   except ManifestError as e:
     print(e, file=sys.stderr)
     return 1
+  for line in problems:
+    print(line, file=sys.stderr)
   write_manifest(args.out, assign_splits(rows, args.seed))
-  print(f"wrote {len(rows)} rows to {args.out}")
+  print(f"wrote {len(rows)} rows to {args.out}"
+        + (f"; {len(problems)} file(s) skipped or without a mask (listed above)"
+           if problems else ""))
   return 0
 
 
