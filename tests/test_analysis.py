@@ -533,9 +533,10 @@ def test_domain_effect_pairs_each_randomised_run_with_its_kind_without_it():
 def test_probe_fits_every_readout_on_the_frozen_body(study, capsys):
   weak = study_lib.plan(study["study_config"], study["root"])[0]
   assert weak.config.model.kind == "weak"
-  result = probe.probe(weak.workdir, datasets=["ext"], hidden=8)
-  assert set(result) == {"network", *probe.READOUTS, *(f"{r} ridge" for r in probe.READOUTS)}
-  for row in ("network", *probe.READOUTS):
+  result = probe.probe(weak.workdir, datasets=["ext"], hidden=8, untrained=True)
+  fitted = (*probe.READOUTS, *(probe.UNTRAINED + r for r in probe.READOUTS))
+  assert set(result) == {"network", *fitted, *(f"{r} ridge" for r in fitted)}
+  for row in ("network", *fitted):
     assert set(result[row]) == {"train", "val", "ext"}
     assert all(-1.0 <= v <= 1.0 for v in result[row].values()), result[row]
   # The network row is the analysis's own ICC of the same scans.
@@ -547,7 +548,9 @@ def test_probe_fits_every_readout_on_the_frozen_body(study, capsys):
   assert all(result[f"{r} ridge"]["train"] in refit.RIDGES for r in probe.READOUTS)
   table = probe.format_table(result)
   assert table.splitlines()[0] == "| readout | train | val | ext | ridge |"
-  assert len(table.splitlines()) == 2 + 1 + len(probe.READOUTS)
+  assert len(table.splitlines()) == 2 + 1 + 2 * len(probe.READOUTS)
+  # The freshly initialised body gives other features, hence other fits.
+  assert any(result[r] != result[probe.UNTRAINED + r] for r in probe.READOUTS)
 
 
 def test_store_calibration_backfills_an_older_run(study, tmp_path, capsys):

@@ -18,14 +18,16 @@ to the network's own predictions:
 
 A readout far above the network's own score means the head does not use what
 the body learnt; readouts no better than the network mean the body is the
-limit. Each readout standardises its pooled features with the training mean
+limit. With ``--untrained`` every readout is also fitted on the same
+architecture with freshly initialised weights (seeded): what training taught
+the body is the gap between the two. Each readout standardises its pooled features with the training mean
 and SD and picks its ridge penalty by leave-one-out error on the training
 scans alone, so validation and test scans are never seen by a fit.
 
 Command line (any trained run of any kind, any dataset it was trained on)::
 
   python -m wmh_jax.evaluation.probe --run=runs/weak/seed_0 [--which=best]
-      [--datasets=local,wmhseg] [--hidden=256] [--out=probe.json]
+      [--datasets=local,wmhseg] [--hidden=256] [--untrained] [--out=probe.json]
 """
 
 from __future__ import annotations
@@ -86,8 +88,12 @@ def pooled_features(pool: Callable, params: dict, recs: Sequence[dict]) -> dict[
   return {name: np.concatenate(parts) for name, parts in pieces.items()}
 
 
+UNTRAINED = "untrained body: "
+
+
 def probe(run: str | Path, datasets: Sequence[str] | None = None, which: str = "best",
-          hidden: int = 256, seed: int = 0) -> dict[str, dict[str, float]]:
+          hidden: int = 256, seed: int = 0, untrained: bool = False
+          ) -> dict[str, dict[str, float]]:
   """ICC(2,1) per readout (and ``network``, its own volumes) per split.
 
   Args:
@@ -96,7 +102,9 @@ def probe(run: str | Path, datasets: Sequence[str] | None = None, which: str = "
       the run's external sets; None: none).
     which: ``best`` or ``latest`` checkpoint.
     hidden: channels of the random ReLU layer.
-    seed: the random layer's seed.
+    seed: the random layer's seed, and the untrained body's.
+    untrained: also fit every readout on a freshly initialised body (rows
+      prefixed :data:`UNTRAINED`).
 
   Returns:
     ``{row: {split: icc}}`` with rows ``network`` and :data:`READOUTS`, plus
@@ -113,7 +121,10 @@ def probe(run: str | Path, datasets: Sequence[str] | None = None, which: str = "
   channels = jax.eval_shape(body.apply, {"params": params},
                             jnp.zeros((1, *config.data.shape, 1))).channels
   pool = make_pooling(body, hidden, seed, channels, records.voxel_ml(config))
-  features = {name: pooled_features(pool, params, recs) for name, recs in sets.items()}
+  bodies = {"": params}
+  if untrained:
+    bodies[UNTRAINED] = body.init(jax.random.key(seed),
+                                  jnp.zeros((1, *config.data.shape, 1)))["params"]
   volumes = {name: np.array([r["wmh_volume_ml"] for r in recs], np.float64)
              for name, recs in sets.items()}
   mesh = sharding.make_mesh()
@@ -122,11 +133,13 @@ def probe(run: str | Path, datasets: Sequence[str] | None = None, which: str = "
   for name, recs in sets.items():
     predicted = [out["volume_ml"] for _, out in networks.predict_records(network, recs, mesh)]
     result["network"][name] = metrics.icc_2_1(volumes[name], np.array(predicted, np.float64))
-  for readout in READOUTS:
-    fit = refit.RidgeReadout(features["train"][readout], volumes["train"])
-    result[readout] = {name: metrics.icc_2_1(volumes[name], fit.predict(f[readout]))
-                       for name, f in features.items()}
-    result[f"{readout} ridge"] = {"train": fit.ridge}
+  for prefix, body_params in bodies.items():
+    features = {name: pooled_features(pool, body_params, recs) for name, recs in sets.items()}
+    for readout in READOUTS:
+      fit = refit.RidgeReadout(features["train"][readout], volumes["train"])
+      result[prefix + readout] = {name: metrics.icc_2_1(volumes[name], fit.predict(f[readout]))
+                                  for name, f in features.items()}
+      result[f"{prefix}{readout} ridge"] = {"train": fit.ridge}
   return result
 
 
@@ -135,7 +148,9 @@ def format_table(result: dict[str, dict[str, float]]) -> str:
   splits = list(result["network"])
   lines = ["| readout | " + " | ".join(splits) + " | ridge |",
            "|---" * (len(splits) + 2) + "|"]
-  for row in ("network", *READOUTS):
+  rows = ["network", *READOUTS]
+  rows += [UNTRAINED + r for r in READOUTS if UNTRAINED + r in result]
+  for row in rows:
     ridge = result.get(f"{row} ridge", {}).get("train")
     lines.append(f"| {row} | " + " | ".join(f"{result[row][s]:.3f}" for s in splits)
                  + f" | {'' if ridge is None else f'{ridge:g}'} |")
@@ -151,10 +166,13 @@ def main(argv: Sequence[str]) -> None:
   datasets = flags.DEFINE_list("datasets", [], "test sets besides train and val "
                                "(local and the run's external sets)")
   hidden = flags.DEFINE_integer("hidden", 256, "channels of the random ReLU layer")
+  untrained = flags.DEFINE_bool("untrained", False, "also fit the readouts on a freshly "
+                                "initialised body of the same architecture")
   out = flags.DEFINE_string("out", None, "JSON file for the table")
   flags.FLAGS(argv)
   cli.start_from_flags()
-  result = probe(run.value, datasets.value or None, which.value, hidden.value)
+  result = probe(run.value, datasets.value or None, which.value, hidden.value,
+                 untrained=untrained.value)
   print(f"ICC(2,1) of closed-form readouts of the frozen body of {run.value} "
         f"(fitted on train; ridge by leave-one-out):")
   print(format_table(result))
