@@ -251,3 +251,28 @@ def test_device_benchmark_smoke_fills_every_section(tmp_path):
   assert "## Training loader at 16x16x8" in text and "| 1 |" in text
   runs = [line for line in steps if "| bfloat16 | 1 | " in line]
   assert len(runs) == 1 and all(re.search(r"1: -?\d\.\d{3}", line) for line in runs), runs
+
+
+def test_time_to_quality_reads_a_runs_clock_and_picks_the_last_score_inside_each_budget(
+    tmp_path):
+  from bench import time_to_quality as ttq
+  timing = [{"step": s, "steps": 10, "step_time_s": 0.5, "data_wait_s": 0.0}
+            for s in (10, 20, 30, 40)]
+  timing.append({"step": 40, "summary": True, "compile_s": 3.0})
+  (tmp_path / "timing.jsonl").write_text("\n".join(map(json.dumps, timing)) + "\n")
+  metrics = [{"step": 1, "loss": 1.0}, {"step": 20, "epoch": 1, "val_score": 0.5},
+             {"step": 40, "epoch": 2, "val_score": 0.7}]
+  (tmp_path / "metrics.jsonl").write_text("\n".join(map(json.dumps, metrics)) + "\n")
+  curve = ttq.wmhjax_curve(tmp_path)
+  # Clock at an epoch end: compile + the logged step times up to it (validation excluded).
+  assert curve == [ttq.Point(3.0 + 10.0, 20, 0.5), ttq.Point(3.0 + 20.0, 40, 0.7)]
+  assert ttq.at_budget(curve, 12.9) is None
+  assert ttq.at_budget(curve, 13.0).score == 0.5
+  assert ttq.at_budget(curve, 600.0).score == 0.7  # ended sooner: its final score
+  # An evaluation triggered by passing a mark counts at the mark, not at the overshoot.
+  monai = [ttq.Point(60.4, 100, 0.2, mark=60.0), ttq.Point(180.2, 300, 0.6, mark=180.0)]
+  assert ttq.at_budget(monai, 60.0).score == 0.2 and ttq.at_budget(monai, 179.0).score == 0.2
+  text = ttq.table({"wmhjax-weak": curve, "monai-unet": monai}, [60.0, 180.0])
+  assert text.splitlines()[0] == "| tool | metric | 1 min | 3 min | end of run |"
+  assert "| monai-unet | val Dice | 0.200 (step 100) | 0.600 (step 300) |" in text
+  assert "| wmhjax-weak | val ICC | 0.700 (step 40) | 0.700 (step 40) |" in text
