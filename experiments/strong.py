@@ -1,7 +1,7 @@
 r"""Strong labels: a shallow U-Net segments WMH voxel-wise; volume = voxel count.
 
-Paper: O. Werner et al., weak vs strong labels for WMH volume (README.md; text in
-../shared/paper.txt, beside the repository), §2.2 "Segmentation Network Trained with Strong
+Paper: O. Werner et al., weak vs strong labels for WMH volume (cited in README.md; its
+text is not distributed with the repository), §2.2 "Segmentation Network Trained with Strong
 Labels" and §2.3 "Training Details". Each value below cites its section, or
 says why it deviates from the paper; the argument ``paper`` sets every
 deviation back.

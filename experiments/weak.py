@@ -1,7 +1,7 @@
 r"""Weak labels: a GP-Unet regresses each scan's total WMH volume.
 
-Paper: O. Werner et al., weak vs strong labels for WMH volume (README.md; text in
-../shared/paper.txt, beside the repository), §2.2 "Regression Network Trained with Weak Labels"
+Paper: O. Werner et al., weak vs strong labels for WMH volume (cited in README.md; its
+text is not distributed with the repository), §2.2 "Regression Network Trained with Weak Labels"
 and §2.3 "Training Details". Each value below cites its section, or says why
 it deviates from the paper; the argument ``paper`` sets every deviation back.
 

@@ -124,7 +124,7 @@ def write_table(folder: Path, table: Table) -> tuple[Path, Path]:
   folder.mkdir(parents=True, exist_ok=True)
   csv_path, md_path = folder / f"{table.name}.csv", folder / f"{table.name}.md"
   fileio.write_csv(csv_path, table.columns, table.rows)
-  md_path.write_text(f"## {table.title}\n\n{markdown_table(table)}\n", encoding="utf-8")
+  fileio.atomic_write_text(md_path, f"## {table.title}\n\n{markdown_table(table)}\n")
   return csv_path, md_path
 
 
@@ -133,10 +133,10 @@ def write_table(folder: Path, table: Table) -> tuple[Path, Path]:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-  """Renders ``fig`` with the Agg backend to a PNG at ``path``."""
-  path.parent.mkdir(parents=True, exist_ok=True)
+  """Renders ``fig`` with the Agg backend to a PNG at ``path`` (atomically)."""
   FigureCanvasAgg(fig)
-  fig.savefig(path, format="png", dpi=DPI)
+  with fileio.atomic_path(path, suffix=".png") as tmp:
+    fig.savefig(tmp, format="png", dpi=DPI)
   return path
 
 
@@ -423,5 +423,5 @@ def write_report(out: Path, tables: dict[str, Table], figures: dict[str, Path]) 
       if name in figures:
         parts.append(f"![{name}]({figures[name].relative_to(out).as_posix()})\n")
   path = out / "REPORT.md"
-  path.write_text("\n".join(parts), encoding="utf-8")
+  fileio.atomic_write_text(path, "\n".join(parts))
   return path

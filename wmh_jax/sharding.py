@@ -2,9 +2,11 @@
 
 One mesh axis, ``"data"``, spans every device of every process. Parameters and
 optimiser state are replicated (``P()``); batches are split along their leading
-axis (``P("data")``). Per-device code averages gradients and metrics with
-``lax.pmean(..., "data")``, exactly what ``pmap`` did, which is how JAX itself now
-builds ``pmap``.
+axis (``P("data")``). Per-device code completes global-batch values with
+``lax.psum``/``lax.pmean`` over ``"data"``, exactly what ``pmap`` did, which is how
+JAX itself now builds ``pmap``. The training step ``psum``s gradients, not
+``pmean``: its loss is already the global-batch loss (``wmh_jax.losses``), so
+the per-device gradients are parts of one sum.
 """
 
 from __future__ import annotations
