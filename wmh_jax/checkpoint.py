@@ -15,8 +15,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grain
 import jax
@@ -25,6 +26,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from wmh_jax.errors import CheckpointError
+
+T = TypeVar("T")
 
 SCORE = "val_score"
 # Model fields a checkpoint's config must have: runs from before them cannot be rebuilt.
@@ -110,35 +113,25 @@ class Checkpointer:
       CheckpointError: when the stored model config differs from ``config``, or
         when no stored step can be restored.
     """
+    def restore(step: int) -> dict:
+      _check_compatible(self._restore_config(step), config, self.directory)
+      return self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data_iter=grain.checkpoint.CheckpointRestore(_grain_item(data_iter))))["state"]
+
     steps = sorted(self.manager.all_steps(), reverse=True)
-    bad: list[int] = []
-    for step in steps:
-      try:
-        stored = self._restore_config(step)
-      except Exception as err:  # pylint: disable=broad-except
-        logging.warning("checkpoint step %d is unreadable (%s); trying an earlier one",
-                        step, _brief(err))
-        bad.append(step)
-        continue
-      _check_compatible(stored, config, self.directory)
-      try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data_iter=grain.checkpoint.CheckpointRestore(_grain_item(data_iter))))
-      except Exception as err:  # pylint: disable=broad-except
-        logging.warning("checkpoint step %d is corrupt (%s); trying an earlier one",
-                        step, _brief(err))
-        bad.append(step)
-        continue
-      for newer in bad:  # the resumed run saves these steps again
-        logging.warning("deleting corrupt checkpoint step %d; resuming from step %d",
-                        newer, step)
-        self.manager.delete(newer)
-      return restored["state"]
-    if steps:
-      raise CheckpointError(self.directory, f"no restorable checkpoint (steps {steps} failed, "
-                            "see the warnings); use a fresh --workdir or the original config")
-    return None
+    found = first_restorable(steps, restore)
+    if found is None:
+      if steps:
+        raise CheckpointError(self.directory, f"no restorable checkpoint (steps {steps} "
+                              "failed, see the warnings); use a fresh --workdir or the "
+                              "original config")
+      return None
+    step, state, bad = found
+    for newer in bad:  # the resumed run saves these steps again
+      logging.warning("deleting corrupt checkpoint step %d; resuming from step %d", newer, step)
+      self.manager.delete(newer)
+    return state
 
   def _restore_config(self, step: int) -> dict:
     return self.manager.restore(
@@ -153,6 +146,28 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def first_restorable(steps: Sequence[int], restore: Callable[[int], T],
+                     where: str | Path | None = None) -> tuple[int, T, list[int]] | None:
+  """The first step, in the given order, that ``restore`` reads: (step, value, failed steps).
+
+  A step whose restore raises (truncated or missing files) is logged with the
+  reason (and ``where``, the run) and the next one is tried; a :class:`CheckpointError` (a readable run
+  that must not be used, e.g. another model) is raised at once. None when every
+  step fails (or there is none).
+  """
+  failed: list[int] = []
+  for step in steps:
+    try:
+      return step, restore(step), failed
+    except CheckpointError:
+      raise
+    except Exception as err:  # pylint: disable=broad-except
+      logging.warning("checkpoint step %d%s is corrupt (%s); trying an earlier one", step,
+                      "" if where is None else f" in {where}", _brief(err))
+      failed.append(step)
+  return None
 
 
 def _check_compatible(stored: dict, config: ml_collections.ConfigDict,
@@ -201,15 +216,11 @@ def restore_for_inference(workdir: str | Path, which: str = "best") -> RestoredR
     preferred = manager.best_step() if which == "best" else manager.latest_step()
     steps = [preferred] + sorted((s for s in manager.all_steps() if s != preferred),
                                  reverse=True)
-    for step in (s for s in steps if s is not None):
-      try:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_host_target(manager, step)),
-            config=ocp.args.JsonRestore()))
-      except Exception as err:  # pylint: disable=broad-except
-        logging.warning("checkpoint step %d in %s is corrupt (%s); trying an earlier one",
-                        step, workdir, _brief(err))
-        continue
+
+    def restore(step: int) -> RestoredRun:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(_host_target(manager, step)),
+          config=ocp.args.JsonRestore()))
       config = restored["config"]
       missing = [f for f in RECIPE_MODEL_FIELDS if f not in config["model"]]
       if missing:
@@ -219,9 +230,12 @@ def restore_for_inference(workdir: str | Path, which: str = "best") -> RestoredR
       state = restored["state"]
       variables = {k: jax.tree.map(jax.device_get, state[k])
                    for k in ("params", "batch_stats", "readout") if k in state}
-      return RestoredRun(Path(workdir), step, ml_collections.ConfigDict(config),
-                         variables)
-  raise CheckpointError(workdir, "no readable checkpoint")
+      return RestoredRun(Path(workdir), step, ml_collections.ConfigDict(config), variables)
+
+    found = first_restorable([s for s in steps if s is not None], restore, workdir)
+  if found is None:
+    raise CheckpointError(workdir, "no readable checkpoint")
+  return found[1]
 
 
 def stored_config(workdir: str | Path) -> dict:
@@ -236,14 +250,13 @@ def stored_config(workdir: str | Path) -> dict:
   options = ocp.CheckpointManagerOptions(read_only=True)
   with ocp.CheckpointManager(directory, options=options,
                              item_handlers={"config": ocp.JsonCheckpointHandler()}) as manager:
-    for step in sorted(manager.all_steps(), reverse=True):
-      try:
-        return manager.restore(step, args=ocp.args.Composite(
-            config=ocp.args.JsonRestore()))["config"]
-      except Exception as err:  # pylint: disable=broad-except
-        logging.warning("checkpoint step %d in %s has no readable config (%s)", step, workdir,
-                        _brief(err))
-  raise CheckpointError(workdir, "no checkpoint with a readable config")
+    found = first_restorable(
+        sorted(manager.all_steps(), reverse=True),
+        lambda step: manager.restore(step, args=ocp.args.Composite(
+            config=ocp.args.JsonRestore()))["config"], workdir)
+  if found is None:
+    raise CheckpointError(workdir, "no checkpoint with a readable config")
+  return found[1]
 
 
 def _host_target(manager: ocp.CheckpointManager, step: int) -> Any:
