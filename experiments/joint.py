@@ -14,9 +14,8 @@ from wmh_jax import configs
 
 
 def get_config(arg=None):
-  # Every other value: the shared defaults of wmh_jax/configs.py, which are
-  # experiments/strong.py's recipe (its comments cite the paper for each).
+  # Every other value is the base recipe of wmh_jax/configs.py, which cites the paper (or
+  # the reason for a deviation) for each field.
   config = configs.get_config()
-  config.model.kind = "joint"
-  config.train.joint_dice_weight = 1.0  # equal weight; not tuned
+  config.model.kind = "joint"  # the loss weight `train.joint_dice_weight` is the base's 1
   return configs.apply_flags(config, arg)

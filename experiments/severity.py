@@ -14,9 +14,8 @@ from wmh_jax import configs
 
 
 def get_config(arg=None):
-  # Every other value: the shared defaults of wmh_jax/configs.py, which are
-  # experiments/strong.py's recipe (its comments cite the paper for each).
+  # Every other value is the base recipe of wmh_jax/configs.py, which cites the paper (or
+  # the reason for a deviation) for each field.
   config = configs.get_config()
-  config.model.kind = "severity"
-  config.model.num_severity_classes = 5  # quintiles of the training domain's volumes
+  config.model.kind = "severity"  # classes: the base's `model.num_severity_classes` (5)
   return configs.apply_flags(config, arg)

@@ -1,6 +1,10 @@
-"""Default configuration shared by every experiment (paper §2.2–2.3), and its variants.
+"""The base configuration of every experiment (paper §2.2–2.3), and its variants.
 
-Variants import :func:`get_config` and override a few fields. Every config
+:func:`get_config` holds every field once, with the paper section it follows
+or the reason it deviates. It is the strong experiment's recipe as it is; the
+files in ``experiments/`` import it and set only what differs from it (the
+model kind, and for the weak network its normalisation and learning rate),
+each with the reason. Every config
 file takes an argument of comma-separated flags
 (``--config=experiments/weak.py:cpu``, ``:paper``, ``:cpu,paper``):
 
@@ -45,7 +49,12 @@ PAPER_RECIPE = {
 
 
 def get_config(arg: str | None = None, recipe: dict | None = None) -> ml_collections.ConfigDict:
-  """Returns the paper-scale weak-label (GP-Unet) configuration with the default recipe.
+  """Returns the paper-scale base configuration with the default recipe.
+
+  The recipe (no normalisation layers, Adam 1e-3, Dice + BCE) is the one the
+  strong experiment uses unchanged; ``model.kind`` is "weak" only so that a
+  bare base config builds a GP-Unet. Paper: O. Werner et al., weak vs strong
+  labels for WMH volume (cited in README.md).
 
   Args:
     arg: comma-separated flags (:data:`FLAGS`).
@@ -53,24 +62,32 @@ def get_config(arg: str | None = None, recipe: dict | None = None) -> ml_collect
       before the flags so that ``paper`` still restores every paper value.
   """
   config = ml_collections.ConfigDict()
-  config.seed = 0
+  config.seed = 0  # §2.3: runs differ only in the seed; `--seeds=0,1,2` sweeps three
 
   # ---- model ---------------------------------------------------------------
   config.model = ml_collections.ConfigDict()
   config.model.kind = "weak"           # weak | strong | joint | severity
-  config.model.base_filters = 32       # Dubost's GP-Unet code
-  config.model.depth = 2               # number of 2x down-samplings ("shallow")
+  config.model.base_filters = 32       # Dubost's GP-Unet code (the paper gives no width)
+  config.model.depth = 2               # §2.2 Fig. 1: a shallow U-Net, two 2x down-samplings
   config.model.conv_impl = "auto"      # auto | native | depth2d  (auto: depth2d_concat on CPU)
   # Compute dtype of the body: float32 | bfloat16. Parameters, optimizer state, running
   # statistics, losses and every reduction stay float32 (models.py, "Mixed precision").
   config.model.dtype = "float32"
-  config.model.norm = "none"           # none | group | instance, after every body conv
+  config.model.norm = "none"           # §2.2: none | group | instance, after every body conv
+  # §2.2 GP head: global average pooling + Dense(1). Deviation (paper: plain average, Keras
+  # Glorot Dense): the raw pooled features share a large offset, so the Dense layer cannot
+  # spread its predictions. They are standardised with running statistics (kept in the
+  # checkpoint), scaled to O(1) Dense weights, and the head starts at the mean training
+  # volume (BUILD_NOTES, "Making the networks learn").
   config.model.pool_scale = 38.0       # global average pool multiplier (1.0 = paper)
   config.model.pooled_norm = "running"  # none | running: standardise pooled features
-  config.model.pooled_norm_momentum = 0.99  # EMA decay of those running statistics
+  config.model.pooled_norm_momentum = 0.99  # EMA decay; 0.9 made the last epochs drift
   config.model.zero_init_volume_head = True  # Dense kernel init 0 (bias = mean target)
-  config.model.seg_prior_init = True   # seg bias = logit(training lesion fraction)
-  config.model.num_severity_classes = 5
+  # §2.2 strong head: 1x1x1 conv + sigmoid, "thresholded at 0.5". Deviation (paper: Keras
+  # bias 0, p = 0.5 everywhere): the bias starts at the logit of the training lesion
+  # fraction, so there is no early flood of 0.5.
+  config.model.seg_prior_init = True
+  config.model.num_severity_classes = 5  # severity: quintiles of the training domain's volumes
   # Volume head of weak and joint: "gap" (paper §2.2: global average pool + Dense) or
   # "count" (voxel lesion fractions summed over the brain, models.CountHead).
   config.model.volume_head = "gap"
@@ -84,13 +101,22 @@ def get_config(arg: str | None = None, recipe: dict | None = None) -> ml_collect
   config.data.cohort_n_local = 400
   config.data.cohort_seed = 0
   config.data.cache_dir = ""           # empty = ~/.cache/wmh_jax/preprocessed
-  config.data.shape = (112, 128, 32)   # paper input, voxels
+  # §2.3 "batches of four full brain images of 112 x 128 x 32 voxels", resampled from the
+  # local scans' grid.
+  config.data.shape = (112, 128, 32)
   config.data.spacing_mm = (1.4, 1.4, 4.2)
-  config.data.percentiles = (1.0, 99.9)  # brain percentiles mapped to 0 and 1 (paper: 1, 99)
+  # §2.3 "percentile normalized (1% and 99%) between 0 and 1". Deviation: 99.9; the 99 %
+  # clip maps ~45 % of lesion voxels to 1.0 together with the brightest grey matter, and
+  # 99.9 triples an oracle's Dice (BUILD_NOTES visibility table).
+  config.data.percentiles = (1.0, 99.9)
+  # §2.3 "randomly split in a train (60%), a validation (20%), and a test (20%) set":
+  # wmh_jax.data.manifest.assign_splits, by subject, seeded here.
   config.data.split_seed = 0
   config.data.volume_scale_ml = 10.0   # regression target = volume_ml / volume_scale_ml
 
   # ---- augmentation (host, Grain) -------------------------------------------
+  # §2.3 "translation (uniform sampled between ±0.2 of the dimension length), rotation
+  # (±54 degrees), and flipping", on the fly.
   config.augment = ml_collections.ConfigDict()
   config.augment.enabled = True
   config.augment.translate_fraction = 0.2   # uniform ±0.2 of each axis length
@@ -126,6 +152,10 @@ def get_config(arg: str | None = None, recipe: dict | None = None) -> ml_collect
   config.loader.worker_buffer_size = 2
 
   # ---- losses -----------------------------------------------------------------
+  # §2.2 strong: "optimized using the Dice coefficient"; weak: MSE on the volume. Deviation:
+  # Dice + BCE on logits (nnU-Net), the Dice summed over the global batch; per-scan soft
+  # Dice makes an empty prediction score better on small-lesion scans and collapsed every
+  # CPU run to predicting nothing (BUILD_NOTES).
   config.loss = ml_collections.ConfigDict()
   config.loss.seg = "dice_bce"         # dice (paper) | dice_bce (nnU-Net default)
   config.loss.dice_eps = 1.0           # soft-Dice smoothing, voxels
@@ -136,19 +166,25 @@ def get_config(arg: str | None = None, recipe: dict | None = None) -> ml_collect
   # ---- optimisation -----------------------------------------------------------
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 4          # global batch, paper §2.3
-  config.train.num_epochs = 50
+  config.train.num_epochs = 50         # not in the paper; `:cpu` trains 12
+  # §2.3 "Adadelta was used for optimization" (Keras 2: lr 1.0, rho 0.95, eps 1e-7) is
+  # `:paper`. Deviation: Adam 1e-3, 20 warm-up steps, cosine to 0; with Adadelta the
+  # strong net collapsed to an empty prediction from epoch 4, and the weak net reached a
+  # validation ICC of 0.005 in 720 CPU steps (BUILD_NOTES).
   config.train.optimizer = "adam"      # adam | adadelta (Keras-2: lr 1.0, rho 0.95, eps 1e-7)
   config.train.learning_rate = 1e-3
-  config.train.rho = 0.95
-  config.train.eps = 1e-7
+  config.train.rho = 0.95              # Adadelta (`:paper`)
+  config.train.eps = 1e-7              # Adadelta (`:paper`)
   config.train.warmup_steps = 20       # linear warm-up from 0
   # Volume head's Dense layer fitted in closed form (ridge, penalty by leave-one-out) on
   # the training scans' pooled features, for inference only (wmh_jax/refit.py): "none" |
   # "end" (after the last step) | "epoch" (every epoch end). Weak and joint only; where a
   # fit is made, the trained Dense layer's validation is logged too, as trained_head_val_*.
+  # Deviation (paper: the Dense layer as trained): weak validation ICC 0.84 vs 0.74 for
+  # the trained layer at 720 `:cpu` steps (BUILD_NOTES, issue 19).
   config.train.refit_head = "epoch"
   config.train.schedule = "cosine"     # constant | cosine (to 0 at the last step)
-  config.train.joint_dice_weight = 1.0  # joint: MSE + weight * segmentation loss
+  config.train.joint_dice_weight = 1.0  # joint: MSE + weight * segmentation loss; not tuned
   config.train.log_every_steps = 10    # steps between metric fetches (the host-device syncs)
   config.train.prefetch_batches = 2    # global batches placed on the devices ahead of the step
   config.train.checkpoint_keep = 3

@@ -1,0 +1,38 @@
+"""Experiment files set only what differs from the base config."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+from wmh_jax import configs
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def _assigned_fields(path: Path) -> list[str]:
+  """Dotted fields ``config.<section>.<field> = ...`` assigned in a config file."""
+  fields = []
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Assign):
+      for target in node.targets:
+        if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Attribute):
+          if isinstance(target.value.value, ast.Name) and target.value.value.id == "config":
+            fields.append(f"{target.value.attr}.{target.attr}")
+  return fields
+
+
+@pytest.mark.parametrize("name", ["weak", "strong", "joint", "severity"])
+def test_an_experiment_file_sets_only_fields_that_differ_from_the_base(name):
+  path = EXPERIMENTS / f"{name}.py"
+  fields = _assigned_fields(path)
+  assert "model.kind" in fields
+  base = configs.flatten(json.loads(configs.get_config().to_json()))
+  experiment = configs.flatten(json.loads(configs.load_config_file(str(path)).to_json()))
+  same = [f for f in fields if json.dumps(experiment[f]) == json.dumps(base[f])
+          and f != "model.kind"]
+  assert not same, f"{path.name} repeats the base value of {same}"
+  assert {f for f in base if base[f] != experiment[f]} <= set(fields)
