@@ -3,7 +3,7 @@ budget buys, wmh-jax's recipes beside stock MONAI networks on the same split.
 
 Usage (needs the bench extra: ``pip install -e .[bench]``, PyTorch and MONAI)::
 
-  python -m bench.time_to_quality [--budgets_min=1,3,10] [--tools=wmhjax-weak,...]
+  python -m bench.time_to_quality [--budgets_min=1,3,6] [--tools=wmhjax-weak,...]
       [--workdir=/tmp/ttq] [--out=bench/results_time_to_quality.md]
 
 Every tool trains on the training split of the ``:cpu`` grid and split (the
@@ -124,11 +124,12 @@ def wmhjax_curve(workdir: Path) -> list[Point]:
 
 
 def run_wmhjax(kind: str, workdir: Path) -> list[Point]:
-  """Trains ``experiments/<kind>.py:cpu`` in a subprocess (one device); its curve."""
+  """Trains ``experiments/<kind>.py:cpu`` in a subprocess (one device; a finished run in
+  ``workdir`` is reused, as ``wmh_jax.main`` resumes it); its curve."""
   subprocess.run([sys.executable, "-m", "wmh_jax.main",
                   f"--config={REPO / 'experiments' / kind}.py:cpu", f"--workdir={workdir}"],
                  cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-  return wmhjax_curve(workdir)
+  return wmhjax_curve(workdir / "seed_0")
 
 
 # ---------------------------------------------------------------------------
@@ -264,7 +265,7 @@ def environment(load_before: float, load_after: float) -> list[str]:
 
 
 def define_flags() -> None:
-  flags.DEFINE_list("budgets_min", ["1", "3", "10"], "training budgets (minutes)")
+  flags.DEFINE_list("budgets_min", ["1", "3", "6"], "training budgets (minutes)")
   flags.DEFINE_list("tools", list(TOOLS), f"tools to run, of {TOOLS}")
   flags.DEFINE_float("eval_every_s", 30.0, "MONAI evaluation interval (training seconds)")
   flags.DEFINE_string("workdir", None, "folder for the wmh-jax runs (default: a temp folder)")
