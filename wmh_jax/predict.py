@@ -427,10 +427,15 @@ def predict(inputs: Sequence[ScanInput], models: Sequence[networks.Network], out
       continue
     stored = _finished(folder, signature) if resume else None
     if stored is not None:
-      rows.append(stored[0])
       if bids_output:
-        derivatives.export_scan(bids_output.folder, names[item.folder], item.path, folder,
-                                stored[1], list(groups))
+        try:
+          derivatives.export_scan(bids_output.folder, names[item.folder], item.path, folder,
+                                  stored[1], list(groups))
+        except OSError as err:
+          _report_failure(item, f"could not write its BIDS derivatives: {err.strerror or err}",
+                          stored[0], rows, summary, out_dir, columns)
+          continue
+      rows.append(stored[0])
       summary.skipped += 1
       continue
     (folder / DONE).unlink(missing_ok=True)
