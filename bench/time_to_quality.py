@@ -46,9 +46,8 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from wmh_jax import configs
+from wmh_jax import configs, train
 from wmh_jax.data import pipeline, records
-from wmh_jax.evaluation import metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = ("wmhjax-weak", "wmhjax-strong", "monai-regressor", "monai-unet")
@@ -80,15 +79,17 @@ class Split:
 
   Attributes:
     train_images, val_images: (n, x, y, z) float32 in [0, 1].
-    train_masks, val_masks: (n, x, y, z) float32 (0/1).
-    train_ml, val_ml: (n,) annotated WMH volume in mL.
+    train_masks: (n, x, y, z) float32 (0/1).
+    train_ml: (n,) annotated WMH volume in mL.
+    val_records: the validation records, scored by ``train.validation_metrics``.
+    voxel_ml: mL per voxel of the grid.
   """
   train_images: np.ndarray
   train_masks: np.ndarray
   train_ml: np.ndarray
   val_images: np.ndarray
-  val_masks: np.ndarray
-  val_ml: np.ndarray
+  val_records: list[dict]
+  voxel_ml: float
 
 
 def load_split() -> Split:
@@ -97,12 +98,14 @@ def load_split() -> Split:
   splits = records.split_records(records.load_records(records.training_manifest(config), config))
 
   def arrays(recs: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images, masks, annotated mL) of ``recs``."""
     scans = [pipeline.load_record(r) for r in recs]
     return (np.stack([s["image"][..., 0] for s in scans]),
             np.stack([s["mask"][..., 0] for s in scans]),
             np.array([r["wmh_volume_ml"] for r in recs], np.float64))
 
-  return Split(*arrays(splits["train"]), *arrays(splits["val"]))
+  return Split(*arrays(splits["train"]), arrays(splits["val"])[0], splits["val"],
+               records.voxel_ml(config))
 
 
 # ---------------------------------------------------------------------------
@@ -154,7 +157,8 @@ def monai_tool(tool: str, split: Split, seed: int):
     def score(predict: Callable) -> float:
       volumes = np.concatenate([predict(x)[:, 0] * VOLUME_SCALE_ML
                                 for x in _batches(split.val_images)])
-      return metrics.icc_2_1(split.val_ml, volumes.astype(np.float64))
+      return train.validation_metrics("weak", {"volume_ml": volumes.astype(np.float64)},
+                                      split.val_records)["val_score"]
   else:
     model = UNet(spatial_dims=3, in_channels=1, out_channels=1, channels=MONAI_CHANNELS,
                  strides=(2, 2))
@@ -167,8 +171,9 @@ def monai_tool(tool: str, split: Split, seed: int):
     def score(predict: Callable) -> float:
       probs = np.concatenate([1.0 / (1.0 + np.exp(-predict(x)[:, 0]))
                               for x in _batches(split.val_images)])
-      return float(np.mean([metrics.dice(m > 0.5, p > 0.5)
-                            for m, p in zip(split.val_masks, probs)]))
+      volumes = (probs > 0.5).sum(axis=(1, 2, 3)) * split.voxel_ml
+      return train.validation_metrics("strong", {"volume_ml": volumes, "seg_prob": probs},
+                                      split.val_records)["val_score"]
   return model, loss, score
 
 

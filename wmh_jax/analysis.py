@@ -163,7 +163,7 @@ def run_analysis(run_paths: Sequence[str | Path], out: str | Path,
             **tables_lib.summarise(rows, n_boot, boot_seed, covariates)}
   tables["baselines"] = tables_lib.floor_table(tables["icc_mean"], floors)
   tables["coverage"] = tables_lib.coverage_table(rows, interval_calibrations(networks, mesh))
-  thresholds = {group: float(np.mean([references[m.name].threshold for m in members]))
+  thresholds = {group: ood.ensemble_threshold([references[m.name] for m in members])
                 for group, members in networks_lib.group_networks(networks).items()
                 if references[members[0].name] is not None}
   if thresholds:

@@ -221,8 +221,7 @@ def group_ood(models: Sequence[networks.Network], outputs: Sequence[dict[str, An
   if None in references:
     return {"ood_score": "", "ood_flag": ""}
   score = float(np.mean([r.scores(o["pooled"][None])[0] for r, o in zip(references, outputs)]))
-  threshold = float(np.mean([r.threshold for r in references]))
-  return {"ood_score": score, "ood_flag": int(score > threshold)}
+  return {"ood_score": score, "ood_flag": int(score > ood.ensemble_threshold(references))}
 
 
 def _triple(values: Sequence[float]) -> str:

@@ -89,6 +89,12 @@ class Reference:
                float(stored["threshold"]), float(stored["shrinkage"]))
 
 
+def ensemble_threshold(references: Sequence[Reference]) -> float:
+  """The flag threshold of an ensemble, whose score is the mean of its runs' scores: the mean
+  of their thresholds (used alike by predict and the study report)."""
+  return float(np.mean([r.threshold for r in references]))
+
+
 def auroc(inside: Sequence[float], outside: Sequence[float]) -> float:
   """Area under the ROC curve of the score separating ``outside`` from ``inside`` scans.
 
