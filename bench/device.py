@@ -15,11 +15,11 @@ keeps what it measured):
    bfloat16 compute, at batch 4 and at the largest batch that fits (estimated
    from XLA's memory analysis of batch 4 and the device's memory, halved on
    failure): s/step, scans/s, voxels/s, TFLOP/s per device and MFU
-   (`wmh_jax.throughput`), compile time;
+   (`wmh_jax.training.throughput`), compile time;
 3. times the real Grain loader on the cohort (`bench.loader`) with 1, 2 and
    all cores, and the step time below which it is the bottleneck;
 4. trains weak and strong (``--train_dtype``) for about ``--train_seconds``
-   each with ``python -m wmh_jax.main``'s loop (`wmh_jax.train.run`): the
+   each with ``python -m wmh_jax.main``'s loop (`wmh_jax.training.train.run`): the
    validation curve, the run's scans/s, MFU and data-wait share.
 
 ``--smoke`` shrinks everything (12 scans, 16x16x8 grid, 2 filters, the step
@@ -47,8 +47,10 @@ import numpy as np
 from absl import app, flags
 
 from bench import loader, report, training
-from wmh_jax import cli, configs, logs, throughput, train
+from wmh_jax import configs
 from wmh_jax.data import pipeline, records
+from wmh_jax.runtime import cli
+from wmh_jax.training import logs, throughput, train
 
 KINDS = ("weak", "strong")
 DTYPES = ("float32", "bfloat16")
@@ -137,7 +139,7 @@ class DeviceBench:
     section = report.Section("Training step (forward + backward + Adam), one device",
                              report.markdown_table(headers, []),
                              ["median of the timed steps after 1 warm-up; MFU against the "
-                              "device's dense peak at the compute dtype (`wmh_jax.throughput`)"])
+                              "device's dense peak at the compute dtype (`wmh_jax.training.throughput`)"])
     self.report.sections.append(section)
     memory = device_memory_bytes()
     for kind, dtype in SMOKE_SETTINGS if self.smoke else itertools.product(KINDS, DTYPES):
@@ -205,7 +207,7 @@ class DeviceBench:
     headers = ("model", "compute", "epochs", "steps", "scans/s", "MFU", "data wait",
                "compile s", "validation (epoch: score)")
     rows = []
-    section = report.Section(f"Training runs (`wmh_jax.train.run`, {dtype}, batch 4)",
+    section = report.Section(f"Training runs (`wmh_jax.training.train.run`, {dtype}, batch 4)",
                              report.markdown_table(headers, rows),
                              ["score: weak val ICC(2,1), strong val Dice; rates are the run's "
                               "median interval (timing.jsonl summary)"])
@@ -248,6 +250,7 @@ def define_flags() -> None:
   flags.DEFINE_float("train_seconds", 120.0, "training time per kind, about")
   flags.DEFINE_enum("train_dtype", "bfloat16", DTYPES, "compute dtype of the training runs")
   flags.DEFINE_string("workdir", None, "cohort, cache and runs (default: a temp dir)")
+  cli.define_runtime_flags()
 
 
 def run(out: Path, *, smoke: bool, scans: int, repeats: int, train_seconds: float,

@@ -42,6 +42,7 @@ import numpy as np
 
 from wmh_jax import configs
 from wmh_jax.data import domain, manifest, nifti, pipeline, records
+from wmh_jax.runtime import fileio
 
 GRIDS = {"cpu": "cpu", "paper": ""}  # name -> config argument
 BATCH = 4
@@ -50,7 +51,7 @@ BATCH = 4
 def _elements(config, count: int) -> tuple[list[dict], str]:
   """``count`` loaded-record dicts on the config's grid, and where they came from."""
   spec = records.preprocess_spec(config)
-  path = records.default_cache_root() / "cohort" / "local" / "manifest.csv"
+  path = fileio.default_cache_root() / "cohort" / "local" / "manifest.csv"
   elements = []
   if path.exists():
     rows = manifest.read_manifest(path)[:count]

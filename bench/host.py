@@ -1,9 +1,9 @@
-"""Host-side timings: training augmentation and inference (``wmh_jax.predict``).
+"""Host-side timings: training augmentation and inference (``wmh_jax.inference.predict``).
 
 Augmentation is timed single-threaded (numpy and scipy resampling run on one
 core), so pairs per second are per core. Inference runs the predict CLI's own
-code path (``wmh_jax.predict.predict``) on synthetic native-resolution NIfTI
-scans with untrained parameters from ``wmh_jax.train.make_init``.
+code path (``wmh_jax.inference.predict.predict``) on synthetic native-resolution NIfTI
+scans with untrained parameters from ``wmh_jax.training.train.make_init``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,11 @@ import numpy as np
 from scipy import ndimage
 
 from bench import report
-from wmh_jax import inference, models, networks, predict, sharding, train
 from wmh_jax.data import augment, records
+from wmh_jax.inference import forward, predict, restore
+from wmh_jax.models import kinds
+from wmh_jax.runtime import sharding
+from wmh_jax.training import train
 
 AUGMENT_SHAPE = (112, 128, 32)
 AUGMENT_SPACING_MM = (1.4, 1.4, 4.2)
@@ -183,7 +186,7 @@ def time_augmentation(config_augment: ml_collections.ConfigDict, repeats: int,
 
 @dataclasses.dataclass(frozen=True)
 class InferenceResult:
-  """Median seconds per scan by stage of ``wmh_jax.predict.predict``.
+  """Median seconds per scan by stage of ``wmh_jax.inference.predict.predict``.
 
   Attributes:
     kind: model kind.
@@ -218,19 +221,19 @@ def time_inference(config: ml_collections.ConfigDict, scans_dir: Path,
   """Runs ``predict.predict`` on the first ``repeats + 1`` scans of ``scans_dir``.
 
   The model has untrained parameters (``train.make_init``), wrapped as a
-  ``networks.Network`` exactly as ``networks.load_networks`` builds one.
+  ``restore.Network`` exactly as ``restore.load_networks`` builds one.
   """
   mesh = sharding.make_mesh()
-  model = models.build_model(config.model)
+  model = kinds.build_model(config.model)
   shape = tuple(int(s) for s in config.data.shape)
   state = train.make_init(model, train.make_optimizer(config.train, total_steps=1), mesh,
                           shape)(config.seed)
   kind = config.model.kind
-  loaded = networks.Network(
+  loaded = restore.Network(
       name=kind, group=kind, kind=kind, spec=records.preprocess_spec(config),
       volume_scale_ml=float(config.data.volume_scale_ml), voxel_ml=records.voxel_ml(config),
       source=f"untrained {kind}", variables=sharding.replicate(train.model_variables(state), mesh),
-      forward=inference.make_forward(model, mesh))
+      forward=forward.make_forward(model, mesh))
   inputs = predict.collect_inputs([str(scans_dir)])[:repeats + 1]
   with tempfile.TemporaryDirectory(prefix="wmh_bench_predict_") as out:
     summary = predict.predict(inputs, [loaded], Path(out), mesh)

@@ -5,7 +5,7 @@ Usage::
   WMH_JAX_CACHE=/work/cache python -m bench.loop [--config=experiments/weak.py:cpu]
       [--repeats=2]
 
-Runs the real loop (``wmh_jax.train.run``: one epoch, 60 steps at ``:cpu``,
+Runs the real loop (``wmh_jax.training.train.run``: one epoch, 60 steps at ``:cpu``,
 then validation) alternately in two modes, with one compiled step:
 
 * ``sync``: ``train.log_every_steps=1``, ``train.prefetch_batches=0``, what
@@ -30,7 +30,8 @@ from pathlib import Path
 from absl import flags
 
 from bench import report
-from wmh_jax import configs, train
+from wmh_jax import configs
+from wmh_jax.training import train
 
 MODES = {"sync": {"train.log_every_steps": 1, "train.prefetch_batches": 0},
          "async": {"train.log_every_steps": 10, "train.prefetch_batches": 2}}
@@ -43,6 +44,7 @@ def main() -> None:
   args = parser.parse_args()
   flags.FLAGS.mark_as_parsed()  # Grain workers read absl flags
   results: dict[str, list[tuple[float, float]]] = {mode: [] for mode in MODES}
+  programs = train.ProgramCache()  # the modes differ only in runtime fields: one compile
   with tempfile.TemporaryDirectory(prefix="wmh_bench_loop_") as root:
     for repeat in range(args.repeats):
       for mode, fields in MODES.items():
@@ -53,7 +55,7 @@ def main() -> None:
           config[section][name] = value
         run_dir = Path(root) / f"{mode}_{repeat}"
         start = time.perf_counter()
-        train.run(config, run_dir)
+        train.run(config, run_dir, programs)
         wait = report.read_data_wait(run_dir / "timing.jsonl")
         results[mode].append((wait.median_step_s, wait.wait_share))
         print(f"{mode} repeat {repeat}: {time.perf_counter() - start:.0f} s, "

@@ -128,7 +128,7 @@ def timing_files(workdir: Path) -> list[Path]:
 
 
 def read_data_wait(path: Path) -> DataWait:
-  """Parses a ``timing.jsonl`` written by ``wmh_jax.logs.MetricLogger``.
+  """Parses a ``timing.jsonl`` written by ``wmh_jax.training.logs.MetricLogger``.
 
   Each timing line is ``{"step", "steps", "step_time_s", "data_wait_s"}``:
   the mean step time and data wait over the ``steps`` steps of one log

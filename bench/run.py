@@ -19,7 +19,7 @@ Times, side by side in one process:
    the fused ``augment.apply_affine`` against three sequential scipy
    resamples (and TorchIO / MONAI when installed);
 3. the data-wait share of a real training run, from its ``timing.jsonl``;
-4. inference seconds per scan through ``wmh_jax.predict`` at the CPU grid.
+4. inference seconds per scan through ``wmh_jax.inference.predict`` at the CPU grid.
 
 Medians over ``--repeats`` after one warm-up. ``--quick``: CPU grid only, 2
 repeats. The report is rewritten after every measurement, so an interrupted
@@ -42,7 +42,9 @@ from pathlib import Path
 import jax
 
 from bench import host, report, training
-from wmh_jax import configs, host_devices, throughput
+from wmh_jax import configs
+from wmh_jax.runtime import host_devices
+from wmh_jax.training import throughput
 
 DEFAULT_OUT = Path("bench/results.md")
 TRAIN_HEADERS = ("grid, filters", "model", "framework", "params", "s/step (median)",
@@ -67,7 +69,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="torch.set_num_threads values to time (default: os.cpu_count())")
   parser.add_argument("--cpu_devices", type=int, default=None,
                       help="also time the JAX step data-parallel over this many CPU devices "
-                           "(the host split by wmh_jax.host_devices; CPU only)")
+                           "(the host split by wmh_jax.runtime.host_devices; CPU only)")
   parser.add_argument("--train_workdir", type=Path, default=None,
                       help="a finished training run (or seed sweep) whose timing.jsonl to read")
   args = parser.parse_args(argv)
@@ -144,7 +146,7 @@ def _peak_cell(result: training.StepResult, device_kind: str,
   """(achieved TFLOP/s, share of the device's peaks) cells of one row.
 
   The peaks are the chip's published ones, or on a CPU the measured float32
-  matmul throughput (:func:`wmh_jax.throughput.measured_matmul_peak_tflops`).
+  matmul throughput (:func:`wmh_jax.training.throughput.measured_matmul_peak_tflops`).
   """
   if result.flops is None:
     return "—", "—"
@@ -323,7 +325,7 @@ class Suite:
     self.save()
 
   def inference(self) -> None:
-    """Seconds per scan through ``wmh_jax.predict`` at the CPU grid."""
+    """Seconds per scan through ``wmh_jax.inference.predict`` at the CPU grid."""
     print("[predict] timing", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="wmh_bench_scans_") as scans:
@@ -336,7 +338,7 @@ class Suite:
                      report.fmt(result.write_s), report.fmt(result.total_s)])
     native = "x".join(map(str, host.NATIVE_SHAPE))
     self.report.sections.append(report.Section(
-        "Inference through `wmh_jax.predict` (seconds per scan)",
+        "Inference through `wmh_jax.inference.predict` (seconds per scan)",
         report.markdown_table(("model", "model grid", "scans", "preprocessing s", "model s",
                                "writing s", "total s/scan"), rows),
         [f"synthetic {native} FLAIR NIfTI scans "

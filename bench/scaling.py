@@ -32,7 +32,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from wmh_jax import checkpoint, logs  # pylint: disable=wrong-import-position
+from wmh_jax.runtime import checkpoint
+from wmh_jax.training import logs  # pylint: disable=wrong-import-position
 from wmh_jax.data import records  # pylint: disable=wrong-import-position
 from wmh_jax.evaluation import baselines, metrics  # pylint: disable=wrong-import-position
 

@@ -9,7 +9,7 @@ Usage (needs the bench extra: ``pip install -e .[bench]``, PyTorch and MONAI)::
 Every tool trains on the training split of the ``:cpu`` grid and split (the
 cached records wmh-jax itself trains on: 56x64x16 voxels of 2.8x2.8x8.4 mm,
 240 training and 80 validation scans), batch 4, left-right flips, and is
-scored on the validation split as ``wmh_jax.train.validation_metrics`` scores
+scored on the validation split as ``wmh_jax.training.train.validation_metrics`` scores
 it: ICC(2,1) of the volume in mL (weak tools), mean Dice of p > 0.5 (strong
 tools). One tool at a time, so the machine is the same for all.
 
@@ -46,8 +46,9 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from wmh_jax import configs, train
+from wmh_jax import configs
 from wmh_jax.data import pipeline, records
+from wmh_jax.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = ("wmhjax-weak", "wmhjax-strong", "monai-regressor", "monai-unet")

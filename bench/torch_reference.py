@@ -1,12 +1,12 @@
-"""The GP-Unet (weak) and shallow U-Net (strong) of `wmh_jax.models`, in PyTorch.
+"""The GP-Unet (weak) and shallow U-Net (strong) of `wmh_jax.models.architectures`, in PyTorch.
 
-Layer for layer the nets of ``wmh_jax.models`` (paper §2.2), with the same
+Layer for layer the nets of ``wmh_jax.models.architectures`` (paper §2.2), with the same
 parameter count, used only as a speed reference:
 
   * block: two 3x3x3 Conv3d + ReLU, then concat(block input, block output);
   * down path: a block, then 2x2x2 max-pooling, ``depth`` times; a bottom block;
   * up path: nearest x2 upsampling, concat with the skip of that level
-    (upsampled channels first, as in ``wmh_jax.conv.UpConcatConv3D``), a block;
+    (upsampled channels first, as in ``wmh_jax.models.conv.UpConcatConv3D``), a block;
   * weak head: global average pool -> Linear(1) (volume) and the same weights
     applied voxel-wise (attention); strong head: 1x1x1 Conv3d + sigmoid.
 
@@ -15,8 +15,8 @@ W = z), so spatial output shapes read like the Flax ones. Initialisation
 matches Flax (LeCun truncated normal kernels, zero biases), so activations
 have the same scale. The training step is forward + backward +
 ``torch.optim.Adadelta(lr=1.0, rho=0.95, eps=1e-7)`` (Keras-2 values, as
-``wmh_jax.train.make_optimizer``) on MSE of the volume (weak) or soft Dice
-(strong, ``wmh_jax.losses.soft_dice_loss`` with eps 1 voxel).
+``wmh_jax.training.train.make_optimizer``) on MSE of the volume (weak) or soft Dice
+(strong, ``wmh_jax.training.losses.soft_dice_loss`` with eps 1 voxel).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class Block(nn.Module):
 
 
 class UNetBody(nn.Module):
-  """Shallow U-Net body (``wmh_jax.models.UNetBody``); ``out_channels`` is C of F."""
+  """Shallow U-Net body (``wmh_jax.models.architectures.UNetBody``); ``out_channels`` is C of F."""
 
   def __init__(self, base_filters: int, depth: int, in_channels: int = 1):
     super().__init__()

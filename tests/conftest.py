@@ -24,6 +24,13 @@ def absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+@pytest.fixture(scope="session")
+def programs():
+  """One `train.ProgramCache` for the session: runs of one setting compile once, as in a sweep."""
+  from wmh_jax.training import train  # pylint: disable=import-outside-toplevel
+  return train.ProgramCache()
+
+
 @pytest.fixture
 def write_nifti(tmp_path: Path) -> Callable[..., Path]:
   """Factory writing a tiny NIfTI file under ``tmp_path``.
@@ -48,7 +55,7 @@ def write_nifti(tmp_path: Path) -> Callable[..., Path]:
 # batch of 4, in this process or in a CLI subprocess that inherits XLA_FLAGS)
 # makes the training code refuse to start. That is the documented behaviour,
 # not a failure of the test: report it as a skip with the reason.
-# wmh_jax.sharding's message, and JAX's when a test shards a batch itself.
+# wmh_jax.runtime.sharding's message, and JAX's when a test shards a batch itself.
 _NOT_DIVISIBLE = (re.compile(r"global batch size (\d+) is not divisible by the (\d+) devices"),
                   re.compile(r"partitioned (\d+) times, but does not evenly divide the "
                              r"dimension size (\d+)"))

@@ -14,13 +14,16 @@ import jax
 import numpy as np
 
 from tolerances import float32_rtol
-from wmh_jax import configs, models, sharding, train
+from wmh_jax import configs
+from wmh_jax.models import kinds
+from wmh_jax.runtime import sharding
+from wmh_jax.training import train
 from jax.sharding import Mesh
 
 
 def one_step(config, batch: dict[str, np.ndarray], devices) -> dict:
   mesh = Mesh(np.array(devices), (sharding.DATA_AXIS,))
-  model = models.build_model(config.model, volume_bias_init=0.3, seg_bias_init=-3.0,
+  model = kinds.build_model(config.model, volume_bias_init=0.3, seg_bias_init=-3.0,
                              axis_name=sharding.DATA_AXIS)
   optimizer = train.make_optimizer(config.train, total_steps=10)
   state = train.make_init(model, optimizer, mesh, tuple(config.data.shape))(0)

@@ -52,7 +52,7 @@ def main(port, num_processes, process_id, manifest, cache, workdir, out, epochs=
   import numpy as np  # pylint: disable=import-outside-toplevel
   sys.path.insert(0, str(Path(__file__).parent))
   import tiny_data  # pylint: disable=import-outside-toplevel
-  from wmh_jax import train  # pylint: disable=import-outside-toplevel
+  from wmh_jax.training import train  # pylint: disable=import-outside-toplevel
   from wmh_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   if int(sigterm_at) > 0 or float(pace_s) > 0:
     make = pipeline.make_train_iterator

@@ -16,13 +16,15 @@ import pytest
 
 import tiny_data
 from tolerances import float32_rtol, network_terms
-from wmh_jax import analysis, configs, logs, networks, refit, report, sharding
-from wmh_jax import study as study_lib
+from wmh_jax import configs
 from wmh_jax.data import cache, manifest, pipeline, records
 from wmh_jax.errors import CheckpointError, WMHError
-from wmh_jax.evaluation import (attention, baselines, conformal, figures, floors, metrics, ood,
-                                probe, stats)
-from wmh_jax.evaluation import scans as scans_lib, tables as tables_lib
+from wmh_jax.evaluation import attention, baselines, conformal, metrics, ood, stats
+from wmh_jax.inference import restore
+from wmh_jax.runtime import sharding
+from wmh_jax.study import (analysis, figures, floors, probe, report, results, scans as scans_lib,
+                           sweep as study_lib, tables as tables_lib)
+from wmh_jax.training import logs, refit
 
 TABLES = ("networks", "datasets", "icc", "icc_mean", "comparison", "baselines", "challenge",
           "confounders", "dice_vs_icc", "severity")
@@ -218,14 +220,14 @@ def test_baseline_rows_equal_baselines_fitted_on_the_training_split(study):
 
 
 def test_per_scan_values_match_the_predict_cli_path(study):
-  """Volume and Dice of one scan per run, recomputed through networks.predict_image."""
+  """Volume and Dice of one scan per run, recomputed through restore.predict_image."""
   rows = _read(study["out"] / "predictions.csv")
   config = study["config"]
   record = records.load_records(study["ext"], config, assign=False)[0]
   loaded = pipeline.load_record(record)
   mesh = sharding.make_mesh()
-  for model in networks.load_networks([str(study["root"] / k) for k in ("weak", "strong")], mesh):
-    out = networks.predict_image(model, loaded["image"][..., 0], mesh)
+  for model in restore.load_networks([str(study["root"] / k) for k in ("weak", "strong")], mesh):
+    out = restore.predict_image(model, loaded["image"][..., 0], mesh)
     if model.kind == "weak":
       count = attention.predicted_voxels(out["volume_ml"], model.spec.spacing_mm)
       seg = attention.threshold_to_volume(out["attention"], count)
@@ -281,7 +283,7 @@ def test_coverage_table_recomputes_from_stored_calibration_and_predictions(study
                        for dataset in ("local", "ext") for score in conformal.SCORES}
   predictions = _read(out / "predictions.csv")
   for run in ("weak", "strong"):
-    restored = networks.load_networks([study["root"] / run], sharding.make_mesh())
+    restored = restore.load_networks([study["root"] / run], sharding.make_mesh())
     calibration_sets = [n.val_predictions for n in restored]
     for score in conformal.SCORES:
       calibration = conformal.ensemble_calibration(calibration_sets, 0.9, score)
@@ -298,7 +300,7 @@ def test_coverage_table_recomputes_from_stored_calibration_and_predictions(study
 
 def test_ood_table_recomputes_from_predictions_and_stored_thresholds(study):
   out = study["out"]
-  restored = networks.load_networks([study["root"] / "weak"], sharding.make_mesh())
+  restored = restore.load_networks([study["root"] / "weak"], sharding.make_mesh())
   threshold = float(np.mean([n.ood_reference.threshold for n in restored]))
   predictions = [r for r in _read(out / "predictions.csv") if r["run"] == "weak"]
   scores = {d: np.array([_float(r["ood_score"]) for r in predictions if r["dataset"] == d])
@@ -315,7 +317,7 @@ def test_ood_table_recomputes_from_predictions_and_stored_thresholds(study):
 
 
 def test_learning_curves_equal_the_metrics_logs(study):
-  loaded = networks.load_networks([study["root"] / k for k in ("weak", "strong")],
+  loaded = restore.load_networks([study["root"] / k for k in ("weak", "strong")],
                                   sharding.make_mesh())
   curves = figures.learning_curves(loaded)
   assert [(c.run, c.seed, c.metric) for c in curves] == [("weak", 0, "val_icc"),
@@ -338,7 +340,7 @@ def test_validation_records_skip_training_and_torn_lines(tmp_path):
   assert [(e["step"], e["val_icc"], e["val_dice"]) for e in evals] == [(2, 0.25, 0.5),
                                                                         (4, 0.5, 0.75)]
   assert logs.validation_records(tmp_path / "missing.jsonl") == []
-  curves = [report.Curve("joint", "joint", 0, metric, np.array([2, 4]),
+  curves = [results.Curve("joint", "joint", 0, metric, np.array([2, 4]),
                          np.array([e[metric] for e in evals])) for metric in ("val_icc",
                                                                                "val_dice")]
   png = report.learning_curves_figure(curves, tmp_path / "curves.png")
@@ -501,7 +503,7 @@ def test_report_says_when_no_network_measures_volume():
     rows = [dict(zip(columns, ("local", "w", "s", weak_icc, strong_icc,
                                weak_icc - strong_icc))),
             dict(zip(columns, ("ext", "w", "s", weak_icc / 2, math.nan, math.nan)))]
-    return "\n".join(report.comparison_lines(report.Table("comparison", "t", columns, rows)))
+    return "\n".join(report.comparison_lines(results.Table("comparison", "t", columns, rows)))
 
   both_poor = lines(0.02, 0.0)
   assert "Run `w` does not measure WMH volume here" in both_poor
@@ -516,7 +518,7 @@ def test_report_says_when_no_network_measures_volume():
 def test_domain_effect_pairs_each_randomised_run_with_its_kind_without_it():
   def row(run, kind, dataset, icc, dice):
     return {"run": run, "kind": kind, "dataset": dataset, "icc_2_1": icc, "mean_dice": dice}
-  icc_mean = report.Table("icc_mean", "", [], [
+  icc_mean = results.Table("icc_mean", "", [], [
       row("weak", "weak", "local", 0.6, 0.1), row("weak", "weak", "msles", 0.4, 0.1),
       row("weak_dr", "weak", "local", 0.5, 0.2), row("weak_dr", "weak", "msles", 0.7, 0.3),
       row("strong", "strong", "local", 0.9, 0.5), row("strong_dr", "strong", "local", 0.8, 0.4)])
@@ -560,12 +562,12 @@ def test_store_calibration_backfills_an_older_run(study, tmp_path, capsys):
   shutil.copytree(study["root"] / "weak", old)
   shutil.rmtree(old / "seed_0" / "val_predictions")
   mesh = sharding.make_mesh()
-  (before,) = networks.load_networks([old], mesh)
+  (before,) = restore.load_networks([old], mesh)
   assert before.val_predictions is None and before.ood_reference is None
   assert analysis.main([f"--runs={old}", "--store_calibration"]) == 0
   assert "wrote" in capsys.readouterr().out
-  (after,) = networks.load_networks([old], mesh)
-  (original,) = networks.load_networks([study["root"] / "weak"], mesh)
+  (after,) = restore.load_networks([old], mesh)
+  (original,) = restore.load_networks([study["root"] / "weak"], mesh)
   assert after.val_predictions["scan_id"] == original.val_predictions["scan_id"]
   np.testing.assert_allclose(after.val_predictions["predicted_ml"],
                              original.val_predictions["predicted_ml"], rtol=1e-5, atol=1e-6)

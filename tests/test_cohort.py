@@ -11,6 +11,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from wmh_jax.data import cohort, manifest, nifti
+from wmh_jax.data.synthetic import anatomy, render, sites, subjects, summary
 
 COARSE = 2.5  # voxel-size multiplier: ~8x fewer voxels than the real sites
 SIZES = {"wmhseg": 3, "longmsles": 5, "msseg": 2, "msles": 2}
@@ -24,8 +25,8 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
                               resolution_scale=COARSE, workers=1, progress=False)
 
 
-def _domain(name: str, n: int | None = None) -> cohort.Domain:
-  d = cohort.DOMAINS[name]
+def _domain(name: str, n: int | None = None) -> sites.Domain:
+  d = sites.DOMAINS[name]
   return dataclasses.replace(d, n_scans=n or d.n_scans)
 
 
@@ -57,16 +58,16 @@ def test_severity_grades_are_volume_quintiles():
 
 
 def test_other_pathology_is_label_2_and_not_wmh():
-  t = cohort.load_template()
+  t = anatomy.load_template()
   wmhseg = _domain("wmhseg")
   index = next(i for i in range(20) if any(
-      les.kind == "other" for les in cohort.make_subject(wmhseg, i, 0, t).lesions))
-  scan = cohort.generate_scan(wmhseg, index, seed=0, resolution_scale=2.0)
-  assert (scan.labels == 2).sum() == (scan.tissue == cohort.OTHER).sum() > 0
-  assert ((scan.labels == 1) == (scan.tissue == cohort.WMH)).all()
+      les.kind == "other" for les in subjects.make_subject(wmhseg, i, 0, t).lesions))
+  scan = render.generate_scan(wmhseg, index, seed=0, resolution_scale=2.0)
+  assert (scan.labels == 2).sum() == (scan.tissue == anatomy.OTHER).sum() > 0
+  assert ((scan.labels == 1) == (scan.tissue == anatomy.WMH)).all()
   local = _domain("local")
   assert not any(les.kind == "other" for i in range(20)
-                 for les in cohort.make_subject(local, i, 0, t).lesions)
+                 for les in subjects.make_subject(local, i, 0, t).lesions)
 
 
 def test_stored_orientation_and_type(tiny):
@@ -83,9 +84,9 @@ def test_stored_orientation_and_type(tiny):
 def test_scan_depends_only_on_seed_domain_index(tiny):
   manifests = tiny
   domain = _domain("local", N_LOCAL)
-  a = cohort.generate_scan(domain, 3, seed=0, resolution_scale=COARSE)
-  b = cohort.generate_scan(domain, 3, seed=0, resolution_scale=COARSE)
-  c = cohort.generate_scan(domain, 3, seed=1, resolution_scale=COARSE)
+  a = render.generate_scan(domain, 3, seed=0, resolution_scale=COARSE)
+  b = render.generate_scan(domain, 3, seed=0, resolution_scale=COARSE)
+  c = render.generate_scan(domain, 3, seed=1, resolution_scale=COARSE)
   np.testing.assert_array_equal(a.image, b.image)
   np.testing.assert_array_equal(a.labels, b.labels)
   assert not np.array_equal(a.image, c.image)
@@ -123,12 +124,12 @@ def test_cache_reuses_current_domains_and_regenerates_changed(tmp_path):
 
 
 def test_flair_contrast_ordering():
-  scan = cohort.generate_scan(_domain("local"), 0, seed=0, resolution_scale=2.0)
-  means = {k: scan.image[scan.tissue == k].mean() for k in (cohort.CSF, cohort.VENTRICLE,
-                                                             cohort.WM, cohort.GM, cohort.WMH)}
-  assert means[cohort.VENTRICLE] < means[cohort.WM] < means[cohort.GM] < means[cohort.WMH]
-  assert means[cohort.CSF] < 0.6 * means[cohort.WM]
-  assert means[cohort.WMH] > 1.2 * means[cohort.WM]
+  scan = render.generate_scan(_domain("local"), 0, seed=0, resolution_scale=2.0)
+  means = {k: scan.image[scan.tissue == k].mean() for k in (anatomy.CSF, anatomy.VENTRICLE,
+                                                             anatomy.WM, anatomy.GM, anatomy.WMH)}
+  assert means[anatomy.VENTRICLE] < means[anatomy.WM] < means[anatomy.GM] < means[anatomy.WMH]
+  assert means[anatomy.CSF] < 0.6 * means[anatomy.WM]
+  assert means[anatomy.WMH] > 1.2 * means[anatomy.WM]
 
 
 def test_longitudinal_domain_repeats_subjects_with_growing_load(tiny):
@@ -137,7 +138,7 @@ def test_longitudinal_domain_repeats_subjects_with_growing_load(tiny):
   assert len({r["subject_id"] for r in rows}) == 1
   assert [int(r["timepoint"]) for r in rows] == [0, 1, 2, 3, 4]
   assert rows[-1]["wmh_volume_ml"] > rows[0]["wmh_volume_ml"]
-  layout = cohort._subject_layout(_domain("longmsles"))
+  layout = subjects.subject_layout(_domain("longmsles"))
   assert [sum(1 for s, _, _ in layout if s == k) for k in range(5)] == [5, 4, 4, 4, 4]
 
 
@@ -146,37 +147,37 @@ def test_confounder_correlations_and_summary(tiny):
   rows = [{"wmh_volume_ml": w, "ventricle_ml": v, "white_matter_ml": m, "csf_ml": c}
           for w, v, m, c in [(1, 20, 500, 300), (2, 25, 480, 310), (8, 30, 430, 350),
                              (3, 21, 470, 290)]]
-  r = cohort.confounder_correlations(rows)
+  r = summary.confounder_correlations(rows)
   w = np.array([1, 2, 8, 3.0])
   assert r["ventricle_ml"] == pytest.approx(np.corrcoef(w, [20, 25, 30, 21])[0, 1], abs=1e-12)
   assert r["white_matter_ml"] == pytest.approx(np.corrcoef(w, [500, 480, 430, 470])[0, 1],
                                                abs=1e-12)
-  assert np.isnan(cohort.confounder_correlations(rows[:2])["csf_ml"])
-  text = cohort.summarize(manifests)
+  assert np.isnan(summary.confounder_correlations(rows[:2])["csf_ml"])
+  text = summary.summarize(manifests)
   local = manifest.read_manifest(manifests["local"])
-  r = cohort.confounder_correlations(local)
+  r = summary.confounder_correlations(local)
   line = next(s for s in text.splitlines() if s.startswith("local "))
   vols = [x["wmh_volume_ml"] for x in local]
   assert f"{np.median(vols):.2f}" in line and f"{r['ventricle_ml']:.2f}" in line
   assert f"{r['white_matter_ml']:.2f}" in line and "2.50x2.50x7.50" in line
 
 
-def _juxtacortical_share(scans: list[cohort.SyntheticScan]) -> float:
+def _juxtacortical_share(scans: list[render.SyntheticScan]) -> float:
   """Share of lesion voxels within 3 mm of cortical grey matter."""
   near, total = 0, 0
   for s in scans:
-    outer = ndi.distance_transform_edt(s.tissue != cohort.CSF, sampling=s.spacing_mm) < 4
-    cortex = (s.tissue == cohort.GM) & outer
+    outer = ndi.distance_transform_edt(s.tissue != anatomy.CSF, sampling=s.spacing_mm) < 4
+    cortex = (s.tissue == anatomy.GM) & outer
     dist = ndi.distance_transform_edt(~cortex, sampling=s.spacing_mm)
-    lesion = s.tissue == cohort.WMH
+    lesion = s.tissue == anatomy.WMH
     near += int((dist[lesion] < 3).sum())
     total += int(lesion.sum())
   return near / total
 
 
 def test_ms_lesions_are_more_juxtacortical_than_vascular():
-  ms = [cohort.generate_scan(_domain("longmsles"), i, 0, 1.5) for i in range(2)]
-  vascular = [cohort.generate_scan(_domain("local"), i, 0, 1.5) for i in range(2)]
+  ms = [render.generate_scan(_domain("longmsles"), i, 0, 1.5) for i in range(2)]
+  vascular = [render.generate_scan(_domain("local"), i, 0, 1.5) for i in range(2)]
   ms_share, vascular_share = _juxtacortical_share(ms), _juxtacortical_share(vascular)
   assert ms_share > 0.08 and ms_share > 3 * vascular_share
 
@@ -184,7 +185,7 @@ def test_ms_lesions_are_more_juxtacortical_than_vascular():
 def test_overview_png_and_cli(tiny, tmp_path, capsys):
   manifests = tiny
   png = tmp_path / "overview.png"
-  cohort.render_overview_png(manifests, png)
+  summary.render_overview_png(manifests, png)
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert cohort.main([f"--out={tmp_path / 'cli'}", "--n_local=1", "--domains=local",
                       "--workers=1"]) == 0

@@ -36,3 +36,23 @@ def test_an_experiment_file_sets_only_fields_that_differ_from_the_base(name):
           and f != "model.kind"]
   assert not same, f"{path.name} repeats the base value of {same}"
   assert {f for f in base if base[f] != experiment[f]} <= set(fields)
+
+
+def test_run_identity_is_the_one_rule_for_the_same_run():
+  config = configs.get_config()
+  stored = json.loads(config.to_json())
+  assert configs.changed_fields(stored, config) == []
+  # Runtime fields never make another run; a longer run may resume a shorter one.
+  config.train.log_every_steps = 1
+  config.train.num_epochs += 1
+  assert configs.changed_fields(stored, config) == ["train.num_epochs"]
+  assert configs.changed_fields(stored, config, ignore=configs.EXTENSIBLE_FIELDS) == []
+  # A field added since the stored run was written counts at its default ...
+  del stored["train"]["schedule"]
+  assert "train.schedule" not in configs.changed_fields(stored, config)
+  # ... except a recipe field, whose absence meant another recipe.
+  del stored["model"]["pooled_norm"]
+  assert configs.missing_recipe_fields(stored) == ["model.pooled_norm"]
+  assert "model.pooled_norm" in configs.changed_fields(stored, config)
+  # Tuples and lists are the same value; the identity is what the compile cache keys on.
+  assert configs.run_identity(config)["data.shape"] == json.dumps(list(config.data.shape))

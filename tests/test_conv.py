@@ -1,4 +1,4 @@
-"""Tests for wmh_jax.conv: every formulation is the same function of the same params."""
+"""Tests for wmh_jax.models.conv: every formulation is the same function of the same params."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tolerances import assert_close_to_abs_sum, float32_rtol
-from wmh_jax import conv
+from wmh_jax.models import conv
 
 CONCRETE = ("native", "depth2d", "depth2d_concat")
 

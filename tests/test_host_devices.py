@@ -1,11 +1,11 @@
-"""wmh_jax.host_devices: ``--cpu_devices`` (the 4-device CLI run is in test_train.py)."""
+"""wmh_jax.runtime.host_devices: ``--cpu_devices`` (the 4-device CLI run is in test_train.py)."""
 
 from __future__ import annotations
 
 import jax
 import pytest
 
-from wmh_jax import host_devices
+from wmh_jax.runtime import host_devices
 
 
 def test_no_count_leaves_jax_alone():

@@ -27,8 +27,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from wmh_jax import inference, models, sharding, train
 from wmh_jax.evaluation import metrics
+from wmh_jax.inference import forward
+from wmh_jax.models import kinds
+from wmh_jax.runtime import sharding
+from wmh_jax.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (16, 16, 8)
@@ -96,7 +99,7 @@ def fit(kind: str, flags: str = "", overrides: dict | None = None) -> dict[str, 
   # (tests/test_train.py covers 1 vs 4 devices and 2 processes).
   mesh = jax.make_mesh((1,), (sharding.DATA_AXIS,), devices=jax.devices()[:1])
   records = [{"wmh_volume_ml": float(v), "has_mask": 1.0} for v in task["volume_ml"]]
-  model = models.build_model(config.model, **train.head_inits(config, records),
+  model = kinds.build_model(config.model, **train.head_inits(config, records),
                              voxel_target=float(np.prod(SPACING_MM)) / 1000.0
                              / config.data.volume_scale_ml, axis_name=sharding.DATA_AXIS)
   optimizer = train.make_optimizer(config.train, steps)
@@ -105,9 +108,9 @@ def fit(kind: str, flags: str = "", overrides: dict | None = None) -> dict[str, 
   batch = sharding.global_batch(task, mesh)
   for _ in range(steps):
     state, _ = step(state, batch)
-  forward = inference.make_forward(model, mesh)
-  raw = jax.tree.map(np.asarray, forward(train.model_variables(state), batch["image"]))
-  out = inference.physical_outputs(raw, volume_scale_ml=config.data.volume_scale_ml,
+  forward_fn = forward.make_forward(model, mesh)
+  raw = jax.tree.map(np.asarray, forward_fn(train.model_variables(state), batch["image"]))
+  out = forward.physical_outputs(raw, volume_scale_ml=config.data.volume_scale_ml,
                                    voxel_ml=float(np.prod(SPACING_MM)) / 1000.0)
   return _scores(kind, out, task)
 

@@ -1,4 +1,4 @@
-"""Tests for wmh_jax.losses: exact values, masking, and a few Adadelta steps per kind."""
+"""Tests for wmh_jax.training.losses: exact values, masking, and a few Adadelta steps per kind."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import optax
 import pytest
 
 from tolerances import float32_rtol
-from wmh_jax import configs, losses, models
+from wmh_jax import configs
+from wmh_jax.models import kinds
+from wmh_jax.training import losses
 
 # The 2-scan batches below: 16 x 16 x 8 voxels per scan.
 VOXELS = 16 * 16 * 8
@@ -182,7 +184,7 @@ def _train(kind: str, steps: int = 10) -> list[float]:
   """Losses of `steps` full-batch Adadelta steps (Keras lr/rho/eps) on `_batch`."""
   config = _config(kind)
   batch = _batch()
-  model = models.build_model(config.model)
+  model = kinds.build_model(config.model)
   target_mean = float(batch["volume_ml"].mean()) / config.data.volume_scale_ml
   params = _initial_params(model, batch["image"], target_mean)
   optimizer = optax.adadelta(learning_rate=1.0, rho=0.95, eps=1e-7)

@@ -1,4 +1,4 @@
-"""Tests for wmh_jax.models: shapes, attention identity, param layout, errors.
+"""Tests for wmh_jax.models.architectures: shapes, attention identity, param layout, errors.
 
 XLA:CPU compiles random initialisers slowly, so most tests take the parameter
 shapes from `jax.eval_shape(model.init, ...)` and fill them from NumPy
@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from tolerances import assert_close_to_abs_sum, float32_rtol
-from wmh_jax import configs, models
+from wmh_jax import configs
+from wmh_jax.models import architectures, kinds
 
 SHAPE = (2, 16, 16, 8, 1)
 KEY = jax.random.key(0)
@@ -71,7 +72,7 @@ CHANNELS = {1: 7 + 3 + 2, 2: 26 + 3 + 2}
 @pytest.mark.parametrize("depth", [1, 2])
 @pytest.mark.parametrize("head", ["gap", "count"])
 def test_output_keys_and_shapes(kind, expected, depth, head):
-  model = models.build_model(_model_config(kind, depth=depth, volume_head=head),
+  model = kinds.build_model(_model_config(kind, depth=depth, volume_head=head),
                              voxel_target=1e-3)
   x = _image()
   params = jax.eval_shape(model.init, KEY, x)
@@ -83,7 +84,7 @@ def test_output_keys_and_shapes(kind, expected, depth, head):
 
 
 def test_joint_outputs_and_attention_identity():
-  model = models.build_model(_model_config("joint", pool_scale=50.0, pooled_norm="none"))
+  model = kinds.build_model(_model_config("joint", pool_scale=50.0, pooled_norm="none"))
   x = _image()
   params = _random_params(model, x)
   out = jax.jit(model.apply)(params, x)
@@ -105,7 +106,7 @@ def test_feature_stack_mean_and_projection_match_the_materialised_map():
   coarse = jax.random.normal(keys[0], (2, 2, 3, 2, 5))
   skip = jax.random.normal(keys[1], (2, 4, 6, 4, 3))
   block = jax.random.normal(keys[2], (2, 4, 6, 4, 2))
-  stack = models.FeatureStack(((coarse, 2), (skip, 1), (block, 1)))
+  stack = architectures.FeatureStack(((coarse, 2), (skip, 1), (block, 1)))
   full = stack.materialize()
   assert full.shape == (2, 4, 6, 4, 10) and stack.channels == 10
   # Channel order and nearest upsampling: exact copies.
@@ -118,10 +119,10 @@ def test_feature_stack_mean_and_projection_match_the_materialised_map():
   # A mean over 96 voxels (the coarse part: over 12, then exact copies), both sides float32.
   assert_close_to_abs_sum(stack.mean(), full.mean(axis=(1, 2, 3)),
                           jnp.abs(full).mean(axis=(1, 2, 3)), float32_rtol(96, ops=1, sides=2))
-  one = models.FeatureStack.of(skip)
-  assert one.parts == ((skip, 1),) and models.FeatureStack.of(stack) is stack
+  one = architectures.FeatureStack.of(skip)
+  assert one.parts == ((skip, 1),) and architectures.FeatureStack.of(stack) is stack
   with pytest.raises(ValueError, match="factor 1 or 2"):
-    models.FeatureStack(((skip, 4),)).project(weights[:3])
+    architectures.FeatureStack(((skip, 4),)).project(weights[:3])
 
 
 class _DenseSegHead(nn.Module):
@@ -136,7 +137,7 @@ class _DenseSegHead(nn.Module):
 def test_seg_head_has_nn_dense_parameters_and_outputs():
   features = _image((2, 2, 2, 2, 5))
   key = jax.random.key(4)
-  head = models.SegHead(bias_init=-1.0)
+  head = architectures.SegHead(bias_init=-1.0)
   params = head.init(key, features)
   reference = _DenseSegHead().init(key, features)
   # Same names, shapes and initial values: checkpoints of either load in the other.
@@ -151,7 +152,7 @@ def test_seg_head_has_nn_dense_parameters_and_outputs():
 
 
 def test_volume_bias_init():
-  head = models.VolumeHead(pool_scale=2.0, volume_bias_init=0.3)
+  head = architectures.VolumeHead(pool_scale=2.0, volume_bias_init=0.3)
   features = _image((2, 2, 2, 2, 3))
   params = jax.jit(head.init)(jax.random.key(1, impl="rbg"), features)
   assert jax.tree_util.tree_map(jnp.shape, params) == {
@@ -171,7 +172,7 @@ def test_volume_bias_init():
       out["volume"], 2.0 * features.mean(axis=(1, 2, 3)) @ weights + 0.3,
       2.0 * jnp.abs(features).mean(axis=(1, 2, 3)) @ abs_weights + 0.3,
       float32_rtol(8 + 3, ops=3, sides=2))
-  zero = models.VolumeHead(volume_bias_init=0.3, zero_init_kernel=True)
+  zero = architectures.VolumeHead(volume_bias_init=0.3, zero_init_kernel=True)
   out = zero.apply(jax.jit(zero.init)(jax.random.key(1, impl="rbg"), features),
                    features)
   # Exact: a zero kernel makes every product and sum 0.0, plus the bias 0.3f.
@@ -180,7 +181,7 @@ def test_volume_bias_init():
 
 
 def test_a_fitted_readout_replaces_the_dense_layer_at_inference_only():
-  head = models.VolumeHead(pool_scale=2.0, volume_bias_init=0.3)
+  head = architectures.VolumeHead(pool_scale=2.0, volume_bias_init=0.3)
   features = _image((2, 2, 2, 2, 3))
   variables = jax.jit(head.init)(jax.random.key(1, impl="rbg"), features)
   trained = head.apply(variables, features)
@@ -209,7 +210,7 @@ def test_a_fitted_readout_replaces_the_dense_layer_at_inference_only():
 def test_params_and_outputs_identical_across_conv_impls():
   x = _image()
   impls = ("native", "depth2d", "depth2d_concat", "auto")
-  built = {i: models.build_model(_model_config("joint", conv_impl=i))
+  built = {i: kinds.build_model(_model_config("joint", conv_impl=i))
            for i in impls}
   shapes = {i: jax.eval_shape(m.init, KEY, x) for i, m in built.items()}
   for impl in impls:
@@ -231,40 +232,40 @@ def test_count_params_matches_hand_count():
     return 27 * ci * co + co
   expected = (conv(1, 2) + conv(2, 2) + conv(3, 4) + conv(4, 4) + conv(10, 2)
               + conv(2, 2) + 12 + 1)
-  model = models.build_model(_model_config("weak"))
+  model = kinds.build_model(_model_config("weak"))
   variables = jax.eval_shape(model.init, KEY, _image((1, 4, 4, 2, 1)))
-  assert models.count_params(variables["params"]) == expected == 1595
+  assert architectures.count_params(variables["params"]) == expected == 1595
   # Running statistics of the 12 pooled channels (mean, mean square, step count).
-  assert models.count_params(variables["batch_stats"]) == 12 + 12 + 1
+  assert architectures.count_params(variables["batch_stats"]) == 12 + 12 + 1
 
 
 def test_max_pool_matches_flax():
   x = _image((1, 4, 6, 2, 3), seed=1)
   np.testing.assert_array_equal(
-      models.max_pool_2x(x), nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2)))
+      architectures.max_pool_2x(x), nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2)))
 
 
 def test_non_divisible_shape_raises():
-  model = models.build_model(_model_config("weak", depth=2))
+  model = kinds.build_model(_model_config("weak", depth=2))
   with pytest.raises(ValueError, match=r"divisible by 2\*\*depth = 4"):
     jax.eval_shape(model.init, KEY, _image((1, 16, 16, 6, 1)))
 
 
 def test_bad_config_raises():
   with pytest.raises(ValueError, match="unknown model kind 'cnn'"):
-    models.build_model(_model_config("cnn"))
+    kinds.build_model(_model_config("cnn"))
   with pytest.raises(ValueError, match="unknown conv impl 'fft'"):
-    models.build_model(_model_config("weak", conv_impl="fft"))
+    kinds.build_model(_model_config("weak", conv_impl="fft"))
   with pytest.raises(ValueError, match="depth must be >= 0"):
-    models.build_model(_model_config("weak", depth=-1))
+    kinds.build_model(_model_config("weak", depth=-1))
   with pytest.raises(ValueError, match="model.norm='batch'"):
-    models.build_model(_model_config("weak", norm="batch"))
+    kinds.build_model(_model_config("weak", norm="batch"))
   with pytest.raises(ValueError, match="model.pooled_norm='layer'"):
-    models.build_model(_model_config("weak", pooled_norm="layer"))
+    kinds.build_model(_model_config("weak", pooled_norm="layer"))
 
 
 def test_running_standardize_first_update_sets_batch_moments():
-  module = models.RunningStandardize(momentum=0.9, eps=0.0)
+  module = architectures.RunningStandardize(momentum=0.9, eps=0.0)
   x = jnp.asarray([[1.0, 10.0], [3.0, 10.0], [5.0, 16.0]])
   variables = module.init(KEY, x)
   # Never updated: the identity.
@@ -294,7 +295,7 @@ def test_running_standardize_first_update_sets_batch_moments():
 
 
 def test_running_pooled_norm_keeps_attention_identity_and_spreads_predictions():
-  model = models.build_model(_model_config("weak", pooled_norm="running",
+  model = kinds.build_model(_model_config("weak", pooled_norm="running",
                                            zero_init_volume_head=False))
   x = _image((4, 16, 16, 8, 1))
   variables = _random_params(model, x)
@@ -316,7 +317,7 @@ def test_running_pooled_norm_keeps_attention_identity_and_spreads_predictions():
 
 def _count_model_outputs(voxel_target: float, x: jax.Array) -> tuple[dict, dict]:
   """A weak count-head model with random params and trained running statistics, and its outputs."""
-  model = models.build_model(_model_config("weak", volume_head="count", count_hidden=6),
+  model = kinds.build_model(_model_config("weak", volume_head="count", count_hidden=6),
                              voxel_target=voxel_target)
   variables = _random_params(model, x)
   variables["batch_stats"] = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
@@ -344,14 +345,14 @@ def test_count_head_attention_is_the_volume_spread_over_the_brain():
 
 def test_count_head_sums_volumes_not_fractions():
   """The pooled sums are in volume units: a larger voxel gives proportionally larger sums."""
-  model = models.build_model(_model_config("weak", volume_head="count", count_hidden=6),
+  model = kinds.build_model(_model_config("weak", volume_head="count", count_hidden=6),
                              voxel_target=1e-3)
   x = _image()
   variables = _random_params(model, x)
   variables["batch_stats"] = jax.tree.map(jnp.zeros_like, variables["batch_stats"])  # identity
   sums = {}
   for u in (1e-3, 3e-3):
-    model = models.build_model(_model_config("weak", volume_head="count", count_hidden=6),
+    model = kinds.build_model(_model_config("weak", volume_head="count", count_hidden=6),
                                voxel_target=u)
     sums[u] = jax.jit(model.apply)(variables, x)["pooled"]  # untrained statistics: identity
   assert float(jnp.min(sums[1e-3])) >= 0.0 and float(jnp.max(sums[1e-3])) > 0.0
@@ -362,17 +363,17 @@ def test_count_head_sums_volumes_not_fractions():
 
 def test_count_head_needs_the_voxel_volume():
   with pytest.raises(ValueError, match="voxel_target"):
-    models.build_model(_model_config("weak", volume_head="count"))
+    kinds.build_model(_model_config("weak", volume_head="count"))
   with pytest.raises(ValueError, match="count_hidden"):
-    models.build_model(_model_config("weak", volume_head="count", count_hidden=0),
+    kinds.build_model(_model_config("weak", volume_head="count", count_hidden=0),
                        voxel_target=1e-3)
   with pytest.raises(ValueError, match="volume_head"):
-    models.build_model(_model_config("weak", volume_head="max"), voxel_target=1e-3)
+    kinds.build_model(_model_config("weak", volume_head="max"), voxel_target=1e-3)
 
 
 @pytest.mark.parametrize("norm", ["group", "instance"])
 def test_body_norm_normalises_each_scan(norm):
-  model = models.build_model(_model_config("strong", norm=norm))
+  model = kinds.build_model(_model_config("strong", norm=norm))
   x = _image()
   variables = _random_params(model, x)
   names = jax.tree_util.keystr(variables["params"]["body"]["down_0"])

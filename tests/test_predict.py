@@ -19,9 +19,12 @@ import pytest
 
 import tiny_data
 from tolerances import bfloat16_rtol, float32_rtol
-from wmh_jax import checkpoint, derivatives, models, networks, predict, sharding, train
 from wmh_jax.data import cache, manifest, nifti, pipeline, records
 from wmh_jax.evaluation import conformal
+from wmh_jax.inference import derivatives, predict, restore
+from wmh_jax.models import kinds
+from wmh_jax.runtime import checkpoint, sharding
+from wmh_jax.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_VOXEL_ML = 1.5 ** 3 / 1000  # tiny_config grid: 1.5 mm isotropic
@@ -39,7 +42,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
+def runs(tmp_path_factory, programs) -> dict[str, Path]:
   """A 2-seed weak sweep (seed_1 = a copy of seed_0) and a strong run in bfloat16 compute,
   1 epoch each.
 
@@ -51,11 +54,11 @@ def runs(tmp_path_factory) -> dict[str, Path]:
   # Fill the preprocessing cache in-process: the training run then spawns no workers.
   cache.preprocessed_records(manifest.read_manifest(manifest_path),
                              records.preprocess_spec(config), root / "cache", workers=1)
-  train.run(config, root / "weak" / "seed_0")
+  train.run(config, root / "weak" / "seed_0", programs)
   shutil.copytree(root / "weak" / "seed_0", root / "weak" / "seed_1")
   strong = tiny_data.tiny_config(manifest_path, root / "cache", kind="strong")
   strong.model.dtype = "bfloat16"  # a mixed-precision run goes through every predict test
-  train.run(strong, root / "strong")
+  train.run(strong, root / "strong", programs)
   return {"weak": root / "weak", "strong": root / "strong", "data": root / "data"}
 
 
@@ -171,7 +174,7 @@ def test_models_on_different_grids_get_their_own_preprocessing(runs, tmp_path, m
   """Two stand-in "strong" models (probability = input image) on two grids."""
   specs = {"fine": nifti.PreprocessSpec((16, 16, 8), (1.5, 1.5, 1.5)),
            "coarse": nifti.PreprocessSpec((8, 8, 4), (3.0, 3.0, 3.0))}
-  stand_ins = [networks.Network(name, name, "strong", spec, 1.0,
+  stand_ins = [restore.Network(name, name, "strong", spec, 1.0,
                                 float(np.prod(spec.spacing_mm)) / 1000, name, {},
                                 lambda params, x: {"seg_prob": x[..., 0]})
                for name, spec in specs.items()]
@@ -360,7 +363,7 @@ def test_bfloat16_run_restores_under_either_dtype(runs):
   logits = {}
   for dtype in ("bfloat16", "float32"):
     restored.config.model.dtype = dtype
-    model = models.build_model(restored.config.model)
+    model = kinds.build_model(restored.config.model)
     logits[dtype] = np.asarray(model.apply(restored.variables, image)["seg_logits"])
   # tiny_config's depth-2 body: 10 convolutions on the longest path.
   np.testing.assert_allclose(logits["bfloat16"], logits["float32"], rtol=0,
@@ -371,8 +374,8 @@ def test_volume_intervals_from_the_runs_stored_validation_predictions(runs, tmp_
   """Each volume group's lo/hi columns: the split-conformal interval calibrated on the
   validation predictions its runs stored for the restored checkpoints (ensemble mean)."""
   mesh = sharding.make_mesh()
-  models = networks.load_networks([runs["weak"], runs["strong"]], mesh)
-  groups = networks.group_networks(models)
+  models = restore.load_networks([runs["weak"], runs["strong"]], mesh)
+  groups = restore.group_networks(models)
   weak = groups["weak"]
   assert all(m.val_predictions is not None for m in models)
   calibration = conformal.ensemble_calibration([m.val_predictions for m in weak], 0.8)
@@ -412,7 +415,7 @@ def test_tta_average_flips_maps_back():
   rng = np.random.default_rng(0)
   prob = rng.uniform(size=(4, 3, 2)).astype(np.float32)
   raw = {"seg_prob": np.stack([prob, prob[::-1]]), "volume": np.array([1.0, 3.0])}
-  out = networks._average_tta(raw)  # pylint: disable=protected-access
+  out = restore._average_tta(raw)  # pylint: disable=protected-access
   np.testing.assert_allclose(out["seg_prob"], prob[None], rtol=1e-6)
   np.testing.assert_allclose(out["volume"], [2.0])
 
@@ -460,9 +463,9 @@ def test_csv_columns_per_kind():
   spec = nifti.PreprocessSpec((16, 16, 8), (1.5, 1.5, 1.5))
 
   def model(name, group, kind):
-    return networks.Network(name, group, kind, spec, 1.0, 1.0, "", None, None)
+    return restore.Network(name, group, kind, spec, 1.0, 1.0, "", None, None)
 
-  groups = networks.group_networks([model("w_seed_0", "w", "weak"),
+  groups = restore.group_networks([model("w_seed_0", "w", "weak"),
                                     model("w_seed_1", "w", "weak"), model("j", "j", "joint"),
                                     model("sev", "sev", "severity")])
   assert predict.csv_columns(groups) == [

@@ -1,11 +1,11 @@
-"""Tests for wmh_jax.refit: the closed-form ridge readout and the Dense refit."""
+"""Tests for wmh_jax.training.refit: the closed-form ridge readout and the Dense refit."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from wmh_jax import refit
+from wmh_jax.training import refit
 
 
 def _linear_task(n: int, noise: float, seed: int = 0):

@@ -52,9 +52,12 @@ import pytest
 
 import malformed
 import tiny_data
-from wmh_jax import checkpoint, logs, models, predict, sharding, train
 from wmh_jax.data import cache, manifest, nifti, pipeline, records
 from wmh_jax.errors import CheckpointError, ManifestError
+from wmh_jax.inference import predict
+from wmh_jax.models import kinds
+from wmh_jax.runtime import checkpoint, sharding
+from wmh_jax.training import logs, train
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 3
@@ -427,7 +430,7 @@ def _restore_latest(study: Study, config: ml_collections.ConfigDict, run: Path) 
   The abstract state comes from ``jax.eval_shape`` (nothing is compiled) and
   the data iterator is a fresh one over the run's training records.
   """
-  model = models.build_model(config.model)
+  model = kinds.build_model(config.model)
   optimizer = train.make_optimizer(config.train, total_steps=1)  # the state shape only
   shape = tuple(int(s) for s in config.data.shape)
   abstract = jax.eval_shape(train.make_init(model, optimizer, sharding.make_mesh(), shape),
@@ -453,7 +456,7 @@ def test_matching_config_restores_the_latest_state(study, reference, tmp_path):
 
 @pytest.mark.parametrize("field, value", [
     ("model.kind", "strong"), ("model.base_filters", 4), ("model.depth", 2),
-    ("train.optimizer", "adadelta"), ("model.norm", "group")])
+    ("train.optimizer", "adadelta"), ("model.norm", "group"), ("train.learning_rate", 0.5)])
 def test_resume_with_a_mismatched_config_is_a_checkpoint_error(study, reference, tmp_path,
                                                                 field, value):
   run = tmp_path / "seed_0"

@@ -19,11 +19,14 @@ import pytest
 import poison
 import tiny_data
 from tolerances import bfloat16_rtol, float32_rtol
-from wmh_jax import (checkpoint, configs, inference, logs, models, refit, sharding, throughput,
-                     train)
+from wmh_jax import configs
 from wmh_jax.data import pipeline, records
 from wmh_jax.errors import CheckpointError, TrainingError
 from wmh_jax.evaluation import metrics
+from wmh_jax.inference import forward
+from wmh_jax.models import kinds
+from wmh_jax.runtime import checkpoint, sharding
+from wmh_jax.training import logs, refit, throughput, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,7 +68,7 @@ def test_adadelta_paper_values_decrease_loss(dataset):
            "volume_ml": np.array([r["wmh_volume_ml"] for r in recs[:4]], np.float32),
            "severity": np.zeros(4, np.int32), "has_mask": np.ones(4, np.float32)}
   mesh = sharding.make_mesh()
-  model = models.build_model(config.model)
+  model = kinds.build_model(config.model)
   optimizer = train.make_optimizer(config.train)
   state = train.make_init(model, optimizer, mesh, tuple(config.data.shape))(0)
   step = train.make_train_step(model, config, optimizer, mesh)
@@ -92,7 +95,7 @@ def test_one_bfloat16_step_matches_float32(kind):
   for dtype in ("float32", "bfloat16"):
     config = test_learning._experiment_config(  # pylint: disable=protected-access
         kind, overrides={"model.dtype": dtype, "model.depth": 1})
-    model = models.build_model(config.model, **train.head_inits(config, labels),
+    model = kinds.build_model(config.model, **train.head_inits(config, labels),
                                voxel_target=1e-3 / config.data.volume_scale_ml,
                                axis_name=sharding.DATA_AXIS)
     optimizer = optax.sgd(1.0)
@@ -123,7 +126,7 @@ def test_on_device_augmentation_in_the_train_step(dataset):
     recs = records.split_records(records.load_records(manifest, config))["train"]
     batch = next(pipeline.make_train_iterator(recs, config, 0, batch_size_per_process=4))
     assert ("affine" in batch) == on_device
-    model = models.build_model(config.model, axis_name=sharding.DATA_AXIS)
+    model = kinds.build_model(config.model, axis_name=sharding.DATA_AXIS)
     optimizer = optax.sgd(0.0)
     state = train.make_init(model, optimizer, mesh, tuple(config.data.shape))(0)
     _, metrics[on_device] = train.make_train_step(model, config, optimizer, mesh)(
@@ -133,11 +136,11 @@ def test_on_device_augmentation_in_the_train_step(dataset):
 
 
 @pytest.fixture(scope="module")
-def one_epoch(dataset, tmp_path_factory):
+def one_epoch(dataset, tmp_path_factory, programs):
   """A finished 1-epoch run shared by the tests below: (final state, workdir)."""
   manifest, cache = dataset
   workdir = tmp_path_factory.mktemp("one_epoch") / "run"
-  state, metrics = train.run(tiny_data.tiny_config(manifest, cache), workdir)
+  state, metrics = train.run(tiny_data.tiny_config(manifest, cache), workdir, programs)
   assert np.isfinite(metrics["val_icc"])
   return jax.tree.map(np.asarray, state), workdir
 
@@ -192,13 +195,13 @@ def test_step_peak_picks_the_arithmetic_of_the_compute_dtype():
                              "tflops_per_device": 2.0, "mfu": 0.2}
 
 
-def test_resume_matches_uninterrupted(dataset, one_epoch, tmp_path):
+def test_resume_matches_uninterrupted(dataset, one_epoch, tmp_path, programs):
   manifest, cache = dataset
   config = tiny_data.tiny_config(manifest, cache)
   config.train.num_epochs = 2
-  full_state, _ = train.run(config, tmp_path / "full")
+  full_state, _ = train.run(config, tmp_path / "full", programs)
   shutil.copytree(one_epoch[1], tmp_path / "split")
-  resumed_state, _ = train.run(config, tmp_path / "split")
+  resumed_state, _ = train.run(config, tmp_path / "split", programs)
   # Exact: the same program on the same machine and device count, run twice.
   _params_equal(full_state["params"], resumed_state["params"], atol=0)
   _params_equal(full_state["opt_state"], resumed_state["opt_state"], atol=0)
@@ -215,7 +218,8 @@ def test_restore_for_inference_needs_only_workdir(one_epoch):
   _params_equal(state["params"], restored.variables["params"], atol=0)
 
 
-def test_non_finite_loss_stops_and_keeps_checkpoint(dataset, one_epoch, tmp_path, monkeypatch):
+def test_non_finite_loss_stops_and_keeps_checkpoint(dataset, one_epoch, tmp_path, monkeypatch,
+                                                    programs):
   manifest, cache = dataset
   shutil.copytree(one_epoch[1], tmp_path / "run")  # checkpoint at step 3
   config = tiny_data.tiny_config(manifest, cache)
@@ -225,7 +229,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(dataset, one_epoch, tmp_path
                       poison.poisoning(pipeline.make_train_iterator, 2))
   with pytest.raises(TrainingError, match="non-finite loss nan at step 5; stopped. "
                      "Last good checkpoint: step 3"):
-    train.run(config, tmp_path / "run")
+    train.run(config, tmp_path / "run", programs)
   restored = checkpoint.restore_for_inference(tmp_path / "run", "latest")
   assert restored.step == 3
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(restored.variables["params"]))
@@ -380,12 +384,13 @@ def test_refit_due_per_mode_and_only_with_a_volume_head():
     train.refit_due(config, 10, 10)
 
 
-def test_refit_is_the_least_squares_readout_and_leaves_training_alone(dataset, tmp_path):
+def test_refit_is_the_least_squares_readout_and_leaves_training_alone(dataset, tmp_path,
+                                                                      programs):
   manifest, cache = dataset
   config = tiny_data.tiny_config(manifest, cache)
-  state, final = train.run(config, tmp_path / "refit")
+  state, final = train.run(config, tmp_path / "refit", programs)
   config.train.refit_head = "none"
-  plain, _ = train.run(config, tmp_path / "plain")
+  plain, _ = train.run(config, tmp_path / "plain", programs)
   # Training never reads the fit: the same params and optimiser state, bit for bit.
   _params_equal(state["params"], plain["params"], atol=0)
   _params_equal(state["opt_state"], plain["opt_state"], atol=0)
@@ -398,9 +403,9 @@ def test_refit_is_the_least_squares_readout_and_leaves_training_alone(dataset, t
   assert [e["trained_head_val_icc"] for e in evals] == [e["val_icc"] for e in plain_evals]
   # The stored fit is the ridge readout of the final body's pooled training features.
   splits = records.split_records(records.load_records(manifest, config))
-  model = models.build_model(config.model, voxel_target=records.voxel_target(config))
+  model = kinds.build_model(config.model, voxel_target=records.voxel_target(config))
   mesh = sharding.make_mesh()
-  outputs = inference.run_batches(inference.make_forward(model, mesh),
+  outputs = forward.run_batches(forward.make_forward(model, mesh),
                                   train.model_variables(state),
                                   pipeline.eval_batches(splits["train"], 4), mesh, keep_maps=False)
   target = np.array([r["wmh_volume_ml"] for r in splits["train"]]) / config.data.volume_scale_ml
@@ -410,3 +415,18 @@ def test_refit_is_the_least_squares_readout_and_leaves_training_alone(dataset, t
   # The same program on the same features: equal up to the float32 cast of the fit.
   np.testing.assert_allclose(np.asarray(fit["kernel"]), weights, rtol=float32_rtol(1, ops=2))
   assert float(fit["bias"]) == pytest.approx(bias, rel=float32_rtol(1, ops=2))
+
+
+def test_program_cache_reuses_one_setting_across_seeds_only():
+  config = tiny_data.tiny_config(Path("m.csv"), Path("c"))
+  mesh = sharding.make_mesh()
+  cache = train.ProgramCache()
+  inits = {"volume_bias_init": 0.5}
+  first = cache.get(config, inits, mesh, total_steps=6)
+  config.seed = 7
+  config.train.log_every_steps = 5  # a runtime field
+  assert cache.get(config, inits, mesh, total_steps=6) is first
+  longer = cache.get(config, inits, mesh, total_steps=12)
+  assert longer is not first
+  config.train.learning_rate = 0.5
+  assert cache.get(config, inits, mesh, total_steps=12) is not longer

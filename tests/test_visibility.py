@@ -1,11 +1,11 @@
-"""Tests for wmh_jax.evaluation.visibility: AUC, oracle top-k Dice, clipping shares."""
+"""Tests for wmh_jax.study.visibility: AUC, oracle top-k Dice, clipping shares."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from wmh_jax.evaluation import visibility
+from wmh_jax.study import visibility
 
 
 def test_perfectly_visible_lesion():

@@ -19,8 +19,10 @@ file takes an argument of comma-separated flags
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
+from collections.abc import Collection
 from pathlib import Path
 
 import ml_collections
@@ -177,7 +179,7 @@ def get_config(arg: str | None = None, recipe: dict | None = None) -> ml_collect
   config.train.eps = 1e-7              # Adadelta (`:paper`)
   config.train.warmup_steps = 20       # linear warm-up from 0
   # Volume head's Dense layer fitted in closed form (ridge, penalty by leave-one-out) on
-  # the training scans' pooled features, for inference only (wmh_jax/refit.py): "none" |
+  # the training scans' pooled features, for inference only (wmh_jax/training/refit.py): "none" |
   # "end" (after the last step) | "epoch" (every epoch end). Weak and joint only; where a
   # fit is made, the trained Dense layer's validation is logged too, as trained_head_val_*.
   # Deviation (paper: the Dense layer as trained): weak validation ICC 0.84 vs 0.74 for
@@ -200,6 +202,14 @@ def get_config(arg: str | None = None, recipe: dict | None = None) -> ml_collect
 # change the arithmetic).
 RUNTIME_FIELDS = ("train.log_every_steps", "train.prefetch_batches", "train.checkpoint_keep",
                   "loader.worker_count", "loader.worker_buffer_size")
+# Fields a resumed run may set anew: how many epochs it trains (a run may be extended).
+EXTENSIBLE_FIELDS = ("train.num_epochs",)
+# Fields added after runs had been trained without them, whose absence meant another
+# recipe than today's default (other segmentation head and pooling): such a run cannot
+# be rebuilt.
+RECIPE_FIELDS = ("model.norm", "model.pooled_norm", "model.pooled_norm_momentum",
+                 "model.seg_prior_init")
+_ABSENT = "<absent: trained by an older wmh-jax>"
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
@@ -236,24 +246,50 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
   return flat
 
 
-def changed_fields(stored: dict, wanted: dict) -> list[str]:
-  """Dotted fields in which two configs (plain JSON dicts) would train differently.
+def run_identity(config: dict | ml_collections.ConfigDict) -> dict[str, str]:
+  """What a run computes, as dotted fields: the one rule behind every "is it the same run?".
 
-  :data:`RUNTIME_FIELDS` are ignored, and so are fields only ``stored`` has
-  (removed since: they no longer select anything). A field only ``wanted``
-  has (added since) counts only if it differs from :func:`get_config`'s
-  default, the behaviour of the code that wrote ``stored``.
+  Resume (`runtime.checkpoint`), the study's skip of finished runs
+  (`study.sweep`), the restore check of old checkpoints and the compile cache of
+  `training.train` all compare these. Every field but :data:`RUNTIME_FIELDS`;
+  a field missing from ``config`` (written by an older wmh-jax) has
+  :func:`get_config`'s default, the behaviour of the code that wrote it, except
+  :data:`RECIPE_FIELDS`, which are marked absent: that code behaved otherwise,
+  so no config of today matches. Values are JSON text, so (16, 16, 8) and
+  [16, 16, 8] are the same value and 1 and 1.0 are not.
+
+  Args:
+    config: a config, or its plain JSON dict (a checkpoint's stored config).
   """
-  old, new = flatten(stored), flatten(wanted)
-  default = flatten(json.loads(get_config().to_json()))
-  changed = []
-  for key, value in sorted(new.items()):
-    if key in RUNTIME_FIELDS:
-      continue
-    reference = old[key] if key in old else default.get(key)
-    if json.dumps(reference) != json.dumps(value):
-      changed.append(key)
-  return changed
+  plain = json.loads(config.to_json()) if isinstance(config, ml_collections.ConfigDict) else config
+  flat = {**_default_fields(), **flatten(plain)}
+  for key in RECIPE_FIELDS:
+    if key not in flatten(plain):
+      flat[key] = _ABSENT
+  return {key: json.dumps(value) for key, value in flat.items() if key not in RUNTIME_FIELDS}
+
+
+def changed_fields(stored: dict | ml_collections.ConfigDict,
+                   wanted: dict | ml_collections.ConfigDict,
+                   ignore: Collection[str] = ()) -> list[str]:
+  """Dotted fields, sorted, in which the runs of two configs differ (:func:`run_identity`).
+
+  Fields only ``stored`` has (removed since: they no longer select anything)
+  and the fields in ``ignore`` are left out.
+  """
+  old, new = run_identity(stored), run_identity(wanted)
+  return [key for key in sorted(new) if key not in ignore and old.get(key) != new[key]]
+
+
+def missing_recipe_fields(stored: dict) -> list[str]:
+  """:data:`RECIPE_FIELDS` that a stored config (plain JSON) lacks: its run cannot be rebuilt."""
+  present = flatten(stored)
+  return [key for key in RECIPE_FIELDS if key not in present]
+
+
+@functools.cache
+def _default_fields() -> dict[str, object]:
+  return flatten(json.loads(get_config().to_json()))
 
 
 def apply_flags(config: ml_collections.ConfigDict, arg: str | None

@@ -12,7 +12,7 @@ ends the sweep (exit status 0); the same command resumes it.
 Output: a progress bar, one line per validation and a summary per seed.
 Library INFO logs (Orbax, JAX) appear only with ``--verbosity=0`` (or 1 for
 debug detail); the default shows warnings and errors. Compiled programs are
-kept in the persistent XLA cache (``--compilation_cache``; :mod:`wmh_jax.cli`).
+kept in the persistent XLA cache (``--compilation_cache``; :mod:`wmh_jax.runtime.cli`).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from wmh_jax import cli, host_devices
 from wmh_jax.errors import WMHError
+from wmh_jax.runtime import cli
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory; seeds go to <workdir>/seed_<n>.")
@@ -36,6 +36,7 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (manual
 flags.DEFINE_integer("num_processes", None, "Total processes (manual multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index (manual multi-host).")
 flags.mark_flags_as_required(["config", "workdir"])
+cli.define_runtime_flags(cpu_devices=True)
 
 FLAGS = flags.FLAGS
 
@@ -66,17 +67,18 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.start_from_flags()
-  host_devices.use_cpu_devices_from_flags()
   initialize_distributed()
-  from wmh_jax import logs, train  # pylint: disable=import-outside-toplevel
+  from wmh_jax.training import logs, train  # pylint: disable=import-outside-toplevel
   config = FLAGS.config
   seeds = [int(s) for s in FLAGS.seeds] if FLAGS.seeds else [config.seed]
   results = {}
+  programs = train.ProgramCache()  # the seeds share one compiled step
   for seed in seeds:
     with config.unlocked():
       config.seed = seed
     try:
-      results[seed] = train.train_and_evaluate(config, Path(FLAGS.workdir) / f"seed_{seed}")
+      results[seed] = train.train_and_evaluate(config, Path(FLAGS.workdir) / f"seed_{seed}",
+                                               programs)
     except WMHError as err:  # bad input, checkpoint or loss: one line, exit status 1
       sys.exit(f"error: {err}")
     if results[seed].get("preempted"):  # the job is being stopped: leave later seeds alone

@@ -39,7 +39,7 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
-from wmh_jax.data import nifti
+from wmh_jax.data import interpolation, nifti
 
 # Coordinates this far (voxels) outside [0, n-1] still count as inside, so that
 # exact rotations (90°) and flips, whose coordinates carry ~1e-15 rounding
@@ -140,7 +140,7 @@ def _extreme_points(mask: np.ndarray) -> np.ndarray:
                          np.stack([xs, last, zs], 1)]).astype(np.float64)
 
 
-def _linear_taps(coords, n: int, xp=np):
+def _zero_padded_taps(coords, n: int, xp=np):
   """Neighbour indices and linear weights along one axis of length ``n``.
 
   Coordinates outside ``[0, n-1]`` (beyond a tiny tolerance) get zero weights,
@@ -150,12 +150,8 @@ def _linear_taps(coords, n: int, xp=np):
   Returns:
     ``(i0, i1, w0, w1)``: int indices and float32 weights, each ``coords.shape``.
   """
-  index_dtype = np.intp if xp is np else xp.int32
   valid = (coords >= -_EDGE_TOLERANCE_VOX) & (coords <= n - 1 + _EDGE_TOLERANCE_VOX)
-  coords = xp.clip(coords, 0.0, n - 1.0)
-  i0 = xp.minimum(xp.floor(coords).astype(index_dtype), max(n - 2, 0))
-  frac = coords - i0
-  i1 = xp.minimum(i0 + 1, n - 1)
+  i0, i1, frac = interpolation.linear_taps(coords, n, xp)
   return i0, i1, ((1.0 - frac) * valid).astype(xp.float32), (frac * valid).astype(xp.float32)
 
 
@@ -175,12 +171,12 @@ def resample_taps(matrix, shape, xp=np):
   """
   linear, offset = matrix[:3, :3], matrix[:3, 3]
   nx, ny, nz = shape
-  z_taps = _linear_taps(linear[2, 2] * xp.arange(nz) + offset[2], nz, xp)
+  z_taps = _zero_padded_taps(linear[2, 2] * xp.arange(nz) + offset[2], nz, xp)
   gx, gy = xp.meshgrid(xp.arange(nx), xp.arange(ny), indexing="ij")
   cx = (linear[0, 0] * gx + linear[0, 1] * gy + offset[0]).ravel()
   cy = (linear[1, 0] * gx + linear[1, 1] * gy + offset[1]).ravel()
-  x0, x1, wx0, wx1 = _linear_taps(cx, nx, xp)
-  y0, y1, wy0, wy1 = _linear_taps(cy, ny, xp)
+  x0, x1, wx0, wx1 = _zero_padded_taps(cx, nx, xp)
+  y0, y1, wy0, wy1 = _zero_padded_taps(cy, ny, xp)
   corners = [(x0 * ny + y0, wx0 * wy0), (x0 * ny + y1, wx0 * wy1),
              (x1 * ny + y0, wx1 * wy0), (x1 * ny + y1, wx1 * wy1)]
   return z_taps, corners

@@ -38,9 +38,9 @@ from pathlib import Path
 import numpy as np
 import tqdm
 
-from wmh_jax import fileio
 from wmh_jax.data import nifti
 from wmh_jax.errors import WMHError
+from wmh_jax.runtime import fileio
 
 CACHE_VERSION = 1
 

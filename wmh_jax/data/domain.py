@@ -57,6 +57,8 @@ import ml_collections
 import numpy as np
 import scipy.sparse
 
+from wmh_jax.data import interpolation
+
 # FWHM of a Gaussian in units of its standard deviation, 2 sqrt(2 ln 2).
 FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
 # The contrast remap (gamma composed with the random curve) is evaluated
@@ -230,20 +232,11 @@ def bias_field(shape: Sequence[int], coefficients: np.ndarray) -> np.ndarray:
 
 # ---- 3. resolution ------------------------------------------------------------
 
-def _linear_taps(positions: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-  """Linear interpolation of n >= 2 samples at ``positions`` (fractional
-  indices, clamped to ``[0, n-1]``): sample ``i0`` gets ``1 - frac``, ``i0 + 1``
-  gets ``frac``. Returns ``(i0, frac)``."""
-  positions = np.clip(positions, 0.0, n - 1.0)
-  i0 = np.minimum(np.floor(positions).astype(np.intp), n - 2)
-  return i0, positions - i0
-
-
 def _interpolate_rows(rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
   """``L @ rows`` for the linear-interpolation matrix ``L`` at ``positions``:
   each result row mixes two rows of ``rows``. Dense numpy, no BLAS."""
-  i0, frac = _linear_taps(positions, rows.shape[0])
-  return (1.0 - frac)[:, None] * rows[i0] + frac[:, None] * rows[i0 + 1]
+  i0, i1, frac = interpolation.linear_taps(positions, rows.shape[0])
+  return (1.0 - frac)[:, None] * rows[i0] + frac[:, None] * rows[i1]
 
 
 def resolution_matrix(n: int, spacing_mm: float, target_mm: float, phase: float

@@ -35,7 +35,6 @@ Command line::
 
 from __future__ import annotations
 
-import argparse
 import csv
 import glob
 import math
@@ -45,10 +44,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from absl import flags
 
-from wmh_jax import fileio
 from wmh_jax.data import bids, nifti
 from wmh_jax.errors import InputError, ManifestError
+from wmh_jax.runtime import cli, fileio
 
 REQUIRED = ("subject_id", "scan_id", "image")
 # Confounder volumes (mL) of the paper's §2.4 regression.
@@ -417,46 +417,60 @@ def validate(path: str | os.PathLike) -> list[str]:
   return errors
 
 
-def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m wmh_jax.data.manifest",
-                                   description="Create and check wmh-jax manifests.")
-  commands = parser.add_subparsers(dest="command", required=True)
-  challenge = commands.add_parser("import-challenge", help="WMH challenge folder → CSV")
-  challenge.add_argument("root")
-  challenge.add_argument("--dataset", default=None, help="dataset column (default: site)")
-  globs = commands.add_parser("import-glob", help="glob patterns → CSV")
-  globs.add_argument("--images", required=True)
-  globs.add_argument("--masks", default=None)
-  bids_parser = commands.add_parser("import-bids", help="BIDS dataset → CSV")
-  bids_parser.add_argument("root")
-  bids_parser.add_argument("--derivatives", default=None,
-                           help="derivatives dataset holding the masks (default: no masks)")
-  bids_parser.add_argument("--mask_desc", default="wmh",
-                           help="desc label of the masks: *_desc-<mask_desc>_mask.nii.gz")
-  bids_parser.add_argument("--suffix", default="FLAIR", help="image suffix to import")
-  for sub in (challenge, globs, bids_parser):
-    sub.add_argument("--out", required=True)
-    sub.add_argument("--seed", type=int, default=0, help="split seed")
-  check = commands.add_parser("validate", help="load every image and mask")
-  check.add_argument("manifest")
-  return parser
+COMMANDS = {  # subcommand -> its positional argument
+    "import-challenge": "ROOT", "import-glob": "", "import-bids": "ROOT", "validate": "MANIFEST"}
+_USAGE = ("import-challenge ROOT --out=CSV [--dataset=NAME] | import-glob --images=GLOB "
+          "[--masks=GLOB] --out=CSV | import-bids ROOT [--derivatives=DIR] [--mask_desc=wmh] "
+          "[--suffix=FLAIR] --out=CSV | validate MANIFEST")
+
+
+def define_flags(values: flags.FlagValues) -> None:
+  """The command's flags (on its own ``FlagValues``: `runtime.cli.parse_command`)."""
+  flags.DEFINE_string("out", None, "manifest CSV to write (import-*)", flag_values=values)
+  flags.DEFINE_integer("seed", 0, "split seed (import-*)", flag_values=values)
+  flags.DEFINE_string("dataset", None, "dataset column (import-challenge; default: site)",
+                      flag_values=values)
+  flags.DEFINE_string("images", None, "glob of the images (import-glob)", flag_values=values)
+  flags.DEFINE_string("masks", None, "glob of the masks (import-glob)", flag_values=values)
+  flags.DEFINE_string("derivatives", None, "derivatives dataset holding the masks "
+                      "(import-bids; default: no masks)", flag_values=values)
+  flags.DEFINE_string("mask_desc", "wmh", "desc label of the masks: "
+                      "*_desc-<mask_desc>_mask.nii.gz (import-bids)", flag_values=values)
+  flags.DEFINE_string("suffix", "FLAIR", "image suffix to import (import-bids)",
+                      flag_values=values)
+
+
+def _usage_error(message: str) -> int:
+  print(f"usage: python -m wmh_jax.data.manifest {_USAGE}\nerror: {message}", file=sys.stderr)
+  return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """CLI entry; returns the exit status (0 ok, 1 bad input)."""
-  args = _parser().parse_args(argv)
-  if args.command == "validate":
-    errors = validate(args.manifest)
+  """CLI entry; returns the exit status (0 ok, 1 bad input, 2 usage error)."""
+  args, positional = cli.parse_command("python -m wmh_jax.data.manifest",
+                                       "Create and check wmh-jax manifests.", define_flags, argv,
+                                       arguments=_USAGE)
+  command, operands = (positional[0], positional[1:]) if positional else (None, [])
+  if command not in COMMANDS:
+    return _usage_error(f"expected a command among {', '.join(COMMANDS)}, got {command!r}")
+  if len(operands) != bool(COMMANDS[command]):
+    return _usage_error(f"{command} takes {COMMANDS[command] or 'no argument'}, got {operands}")
+  if command == "validate":
+    errors = validate(operands[0])
     for line in errors:
       print(line)
-    print(f"{args.manifest}: {len(errors)} problem(s)", file=sys.stderr)
+    print(f"{operands[0]}: {len(errors)} problem(s)", file=sys.stderr)
     return 1 if errors else 0
+  if args.out is None:
+    return _usage_error(f"{command} needs --out")
   problems: list[str] = []
   try:
-    if args.command == "import-challenge":
-      rows = from_challenge_layout(args.root, args.dataset)
-    elif args.command == "import-bids":
-      rows, problems = bids.from_bids(args.root, args.derivatives, args.mask_desc, args.suffix)
+    if command == "import-challenge":
+      rows = from_challenge_layout(operands[0], args.dataset)
+    elif command == "import-bids":
+      rows, problems = bids.from_bids(operands[0], args.derivatives, args.mask_desc, args.suffix)
+    elif args.images is None:
+      return _usage_error("import-glob needs --images")
     else:
       rows = from_globs(args.images, args.masks)
   except ManifestError as e:

@@ -31,8 +31,8 @@ import numpy as np
 import scipy.ndimage
 import scipy.sparse
 
-from wmh_jax import fileio
 from wmh_jax.errors import InputError
+from wmh_jax.runtime import fileio
 
 MAX_DIM = 2048                 # voxels along one axis
 MAX_VOXELS = 512 * 1024 ** 2   # voxels in one volume (2 GiB as float32); see max_voxels()

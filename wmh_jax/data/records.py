@@ -7,24 +7,20 @@ manifest → validated rows → split → preprocessed cache → records.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import ml_collections
 
 from wmh_jax.data import cache, cohort, manifest, nifti
+from wmh_jax.data.synthetic import sites
 from wmh_jax.errors import WMHError
+from wmh_jax.runtime import fileio
 
 SPLITS = manifest.SPLITS
 # The training domain's test split is the "local" test set; the others are external.
 LOCAL = "local"
-EXTERNAL_DOMAINS = tuple(name for name in cohort.DOMAINS if name != LOCAL)
-
-
-def default_cache_root() -> Path:
-  """``$WMH_JAX_CACHE`` or ``~/.cache/wmh_jax``."""
-  return Path(os.environ.get("WMH_JAX_CACHE", Path.home() / ".cache" / "wmh_jax"))
+EXTERNAL_DOMAINS = tuple(name for name in sites.DOMAINS if name != LOCAL)
 
 
 def preprocess_spec(config: ml_collections.ConfigDict) -> nifti.PreprocessSpec:
@@ -48,7 +44,7 @@ def voxel_target(config: ml_collections.ConfigDict) -> float:
 def cohort_manifests(config: ml_collections.ConfigDict,
                      domains: list[str] | None = None) -> dict[str, Path]:
   """Generates (or reuses) the built-in synthetic cohort; domain → manifest."""
-  out = Path(config.data.cohort_dir or default_cache_root() / "cohort")
+  out = Path(config.data.cohort_dir or fileio.default_cache_root() / "cohort")
   return cohort.ensure_cohort(out, n_local=config.data.cohort_n_local,
                               seed=config.data.cohort_seed, domains=domains)
 
@@ -71,7 +67,7 @@ def load_records(manifest_path: str | Path, config: ml_collections.ConfigDict,
   rows = manifest.read_manifest(manifest_path)
   if assign:
     rows = manifest.assign_splits(rows, seed=config.data.split_seed)
-  cache_dir = Path(config.data.cache_dir or default_cache_root() / "preprocessed")
+  cache_dir = Path(config.data.cache_dir or fileio.default_cache_root() / "preprocessed")
   records, _ = cache.preprocessed_records(rows, preprocess_spec(config), cache_dir)
   return records
 

@@ -26,7 +26,6 @@ from collections.abc import Sequence
 import numpy as np
 
 FLAG_PERCENTILE = 99.0
-KINDS = ("weak", "joint")
 
 
 def ledoit_wolf(features: np.ndarray) -> tuple[np.ndarray, float]:

@@ -1,0 +1,1 @@
+"""Models: the Flax architectures, their convolutions, and the registry of model kinds."""

@@ -1,0 +1,1 @@
+"""The study: trains the runs of a study config, restores them, and writes tables and figures."""

@@ -1,0 +1,1 @@
+"""Training: the data-parallel loop, losses, head refits, prefetch, preemption and metric logs."""
