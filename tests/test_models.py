@@ -16,6 +16,7 @@ import pytest
 from tolerances import assert_close_to_abs_sum, float32_rtol
 from wmh_jax import configs
 from wmh_jax.models import architectures, kinds
+from wmh_jax.study import probe
 
 SHAPE = (2, 16, 16, 8, 1)
 KEY = jax.random.key(0)
@@ -369,6 +370,50 @@ def test_count_head_needs_the_voxel_volume():
                        voxel_target=1e-3)
   with pytest.raises(ValueError, match="volume_head"):
     kinds.build_model(_model_config("weak", volume_head="max"), voxel_target=1e-3)
+
+
+def test_counts_readout_is_the_probes_random_relu_brain_sum_and_replaces_the_head_once_fitted():
+  x = np.array(_image((4, 16, 16, 8, 1)))
+  x[:, :5] = 0.0  # outside the brain
+  x[1, :, :, :4] = 0.0  # a smaller brain
+  x = jnp.asarray(x)
+  u = 2e-3
+  model = kinds.build_model(_model_config("weak", readout="counts", readout_hidden=5),
+                            voxel_target=u)
+  plain = kinds.build_model(_model_config("weak"), voxel_target=u)
+  variables = _random_params(model, x)
+  assert set(variables["readout"]["count_readout"]) == {"kernel", "bias", "fitted"}
+  unfitted = jax.jit(model.apply)(variables, x)
+  head_only = {k: v for k, v in variables.items() if k != "readout"}
+  head = jax.jit(plain.apply)({**head_only, "readout": {"volume_head": variables["readout"][
+      "volume_head"]}}, x)
+  # Unfitted, the volume head answers: the same program on the same weights, exact.
+  np.testing.assert_array_equal(unfitted["volume"], head["volume"])
+  # counts are the probe's "random relu brain sum" (seed 0), in target units instead of mL.
+  body = architectures.UNetBody(**architectures.body_fields(_model_config("weak")))
+  channels = jax.eval_shape(body.apply, {"params": variables["params"]["body"]}, x).channels
+  pool = probe.make_pooling(body, 5, 0, channels, voxel_ml=u)
+  np.testing.assert_allclose(unfitted["counts"],
+                             pool(variables["params"]["body"], x)["random relu brain sum"],
+                             rtol=float32_rtol(VOXELS, ops=8))
+  fit = {"kernel": jnp.float32([1.0, -2.0, 0.5, 0.0, 3.0]), "bias": jnp.float32(0.7),
+         "fitted": jnp.float32(1.0)}
+  fitted_vars = {**variables, "readout": {**variables["readout"], "count_readout": fit}}
+  out = jax.jit(model.apply)(fitted_vars, x)
+  expected = unfitted["counts"] @ fit["kernel"] + fit["bias"]
+  magnitude = jnp.abs(unfitted["counts"]) @ jnp.abs(fit["kernel"]) + fit["bias"]
+  assert_close_to_abs_sum(out["volume"], expected, magnitude, float32_rtol(5, ops=3, sides=2))
+  # The attention map is a density: zero outside the brain, summing to the volume.
+  brain = np.asarray(x[..., 0] > 0)
+  assert np.all(np.asarray(out["attention"])[~brain] == 0.0)
+  assert_close_to_abs_sum(out["attention"].sum(axis=(1, 2, 3)), out["volume"],
+                          jnp.abs(out["attention"]).sum(axis=(1, 2, 3)) + fit["bias"],
+                          float32_rtol(VOXELS + 5, ops=12, sides=2))
+  # Training never uses the fit.
+  np.testing.assert_array_equal(model.apply(fitted_vars, x, train=True)["volume"],
+                                model.apply(variables, x, train=True)["volume"])
+  with pytest.raises(ValueError, match="readout"):
+    kinds.build_model(_model_config("weak", readout="mean"), voxel_target=u)
 
 
 @pytest.mark.parametrize("norm", ["group", "instance"])

@@ -384,10 +384,13 @@ def test_refit_due_per_mode_and_only_with_a_volume_head():
     train.refit_due(config, 10, 10)
 
 
+@pytest.mark.parametrize("readout", ["head", "counts"])
 def test_refit_is_the_least_squares_readout_and_leaves_training_alone(dataset, tmp_path,
-                                                                      programs):
+                                                                      programs, readout):
   manifest, cache = dataset
   config = tiny_data.tiny_config(manifest, cache)
+  config.model.readout = readout
+  config.model.readout_hidden = 8
   state, final = train.run(config, tmp_path / "refit", programs)
   config.train.refit_head = "none"
   plain, _ = train.run(config, tmp_path / "plain", programs)
@@ -409,8 +412,10 @@ def test_refit_is_the_least_squares_readout_and_leaves_training_alone(dataset, t
                                   train.model_variables(state),
                                   pipeline.eval_batches(splits["train"], 4), mesh, keep_maps=False)
   target = np.array([r["wmh_volume_ml"] for r in splits["train"]]) / config.data.volume_scale_ml
-  weights, bias = refit.RidgeReadout(np.asarray(outputs["pooled"], np.float64), target).dense()
-  fit = state["readout"]["volume_head"]["dense"]
+  weights, bias = refit.RidgeReadout(refit.features_of(outputs), target).dense()
+  fit = (state["readout"]["count_readout"] if readout == "counts"
+         else state["readout"]["volume_head"]["dense"])
+  assert len(weights) == (8 if readout == "counts" else outputs["pooled"].shape[1])
   assert float(fit["fitted"]) == 1.0
   # The same program on the same features: equal up to the float32 cast of the fit.
   np.testing.assert_allclose(np.asarray(fit["kernel"]), weights, rtol=float32_rtol(1, ops=2))

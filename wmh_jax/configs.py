@@ -47,6 +47,7 @@ PAPER_RECIPE = {
     "train.schedule": "constant",
     "model.volume_head": "gap",            # paper §2.2: global average pool + Dense
     "train.refit_head": "none",            # paper: the Dense layer is trained by the optimiser
+    "model.readout": "head",               # paper: the volume head's Dense layer
 }
 
 
@@ -94,6 +95,12 @@ def get_config(arg: str | None = None, recipe: dict | None = None) -> ml_collect
   # "count" (voxel lesion fractions summed over the brain, models.CountHead).
   config.model.volume_head = "gap"
   config.model.count_hidden = 16       # count head: hidden 1x1x1 channels (0: none)
+  # What the closed-form refit (train.refit_head) fits and inference uses, for weak and joint:
+  # "head" (the volume head's own Dense input) or "counts" (fixed random 1x1x1 ReLU features
+  # of the body summed over the brain: a counting readout, models.CountReadout; not in the
+  # paper). Training is the same under both.
+  config.model.readout = "head"
+  config.model.readout_hidden = 256    # counts readout: random ReLU channels
 
   # ---- data ----------------------------------------------------------------
   config.data = ml_collections.ConfigDict()

@@ -50,6 +50,7 @@ from wmh_jax.models import conv
 NORMS = ("none", "group", "instance")
 POOLED_NORMS = ("none", "running")
 VOLUME_HEADS = ("gap", "count")
+READOUTS = ("head", "counts")
 GROUP_NORM_GROUPS = 4
 
 
@@ -441,6 +442,65 @@ class CountHead(nn.Module):
     return {"volume": volume, "attention": attention, "pooled": pooled}
 
 
+class CountReadout(nn.Module):
+  """A closed-form counting readout of the body: fixed random ReLU voxel features summed over
+  the brain, fitted by ridge least squares instead of trained.
+
+  Per voxel, a fixed random 1x1x1 layer maps the body's features F (C channels)
+  to ``hidden`` ReLU features h = relu(F R + r), R ~ N(0, 1/C), r ~ N(0, 1),
+  drawn from ``seed`` exactly as `wmh_jax.study.probe` draws its random layer.
+  Their sums over the brain (the image's nonzero voxels) times u =
+  voxel_ml / volume_scale_ml are volumes in target units, ``counts`` (b, K):
+  a lesion volume is a count of voxels, which a sum of voxel features can
+  express and an average cannot (BUILD_NOTES, issue 19: with ~500 training
+  scans and more, this readout of a weak body beats the intensity floor,
+  the linear GAP readout does not).
+
+  Nothing here is trained. The ``readout`` collection holds ``kernel`` (K,),
+  ``bias`` () and ``fitted`` (), written by the training loop's refit
+  (`wmh_jax.training.refit`) from the training scans' ``counts``. Once
+  fitted, and only at inference, it replaces the volume head's volume
+  (``counts . kernel + bias``) and attention map, a signed density whose sum
+  over the scan is the volume:
+    attention = brain * (u * h . kernel + bias / n_brain)     (b, x, y, z)
+  Training always uses the volume head, so the body learns as it would without it.
+
+  Attributes:
+    voxel_target: u, target units per voxel (> 0).
+    hidden: K, random channels (>= 1).
+    seed: seed of the random layer.
+  """
+  voxel_target: float
+  hidden: int = 256
+  seed: int = 0
+
+  @nn.compact
+  def __call__(self, features: FeatureStack, image: jax.Array, head: dict[str, jax.Array],
+               train: bool) -> dict[str, jax.Array]:
+    """The head's outputs plus ``counts`` (b, K); volume and attention replaced once fitted."""
+    key_kernel, key_bias = jax.random.split(jax.random.key(self.seed))
+    kernel = jax.random.normal(key_kernel, (features.channels, self.hidden)) / math.sqrt(
+        features.channels)
+    bias = jax.random.normal(key_bias, (self.hidden,))
+    brain = (image[..., 0] > 0).astype(jnp.float32)
+    hidden = nn.relu(features.project(kernel) + bias) * brain[..., None]
+    counts = hidden.sum(axis=(1, 2, 3)) * self.voxel_target
+    readout_kernel = self.variable("readout", "kernel", jnp.zeros, (self.hidden,), jnp.float32)
+    readout_bias = self.variable("readout", "bias", jnp.zeros, (), jnp.float32)
+    fitted = self.variable("readout", "fitted", jnp.zeros, (), jnp.float32)
+    out = {**head, "counts": counts}
+    if train or self.is_initializing():
+      return out
+    use = fitted.value > 0
+    n_brain = jnp.maximum(brain.sum(axis=(1, 2, 3)), 1.0)
+    volume = counts @ readout_kernel.value + readout_bias.value
+    attention = (self.voxel_target * hidden @ readout_kernel.value
+                 + brain * (readout_bias.value / n_brain)[:, None, None, None])
+    out["volume"] = jnp.where(use, volume, head["volume"])
+    out["attention"] = jnp.where(use, attention, head["attention"])
+    return out
+
+
 class VoxelDense(nn.Module):
   """``nn.Dense(1)`` applied voxel-wise to a `FeatureStack`, with nn.Dense's parameters.
 
@@ -475,14 +535,19 @@ class SegHead(nn.Module):
 
 def volume_outputs(head: dict, features: FeatureStack, image: jax.Array, train: bool
                    ) -> dict[str, jax.Array]:
-  """The volume head named by ``head["kind"]`` (`VOLUME_HEADS`), as submodule ``volume_head``.
+  """The volume head named by ``head["kind"]`` (`VOLUME_HEADS`), as submodule ``volume_head``,
+  then the `CountReadout` (submodule ``count_readout``) when ``head["readout"]`` holds its fields.
 
-  Call inside a compact module. ``head`` holds ``kind`` and the head's fields.
+  Call inside a compact module. ``head`` holds ``kind``, the head's fields and ``readout``.
   """
-  fields = {k: v for k, v in head.items() if k != "kind"}
+  fields = {k: v for k, v in head.items() if k not in ("kind", "readout")}
   if head["kind"] == "count":
-    return CountHead(**fields, name="volume_head")(features, image, train)
-  return VolumeHead(**fields, name="volume_head")(features, train)
+    out = CountHead(**fields, name="volume_head")(features, image, train)
+  else:
+    out = VolumeHead(**fields, name="volume_head")(features, train)
+  if head.get("readout") is None:
+    return out
+  return CountReadout(**head["readout"], name="count_readout")(features, image, out, train)
 
 
 class GPUNet(nn.Module):
@@ -542,6 +607,11 @@ class SeverityNet(nn.Module):
     return {"severity_logits": nn.Dense(self.num_classes, name="severity_head")(pooled)}
 
 
+def readout(model_config: ml_collections.ConfigDict) -> str:
+  """The configured inference readout (`READOUTS`); "head" for configs written before it."""
+  return model_config.get("readout", "head")
+
+
 def volume_head(model_config: ml_collections.ConfigDict) -> str:
   """The configured volume head (`VOLUME_HEADS`); "gap" for configs written before it existed."""
   return model_config.get("volume_head", "gap")
@@ -560,6 +630,8 @@ def _check(model_config: ml_collections.ConfigDict) -> None:
                      f"expected one of {VOLUME_HEADS}")
   if volume_head(model_config) == "count" and model_config.count_hidden < 1:
     raise ValueError(f"model.count_hidden must be >= 1, got {model_config.count_hidden}")
+  if readout(model_config) not in READOUTS:
+    raise ValueError(f"model.readout={readout(model_config)!r}; expected one of {READOUTS}")
   if model_config.pooled_norm not in POOLED_NORMS:
     raise ValueError(f"model.pooled_norm={model_config.pooled_norm!r}; "
                      f"expected one of {POOLED_NORMS}")
@@ -582,7 +654,8 @@ class ModelParts(NamedTuple):
 
   Attributes:
     body: the `UNetBody` attributes.
-    head: the volume head: ``kind`` ("gap" or "count") and its fields.
+    head: the volume head: ``kind`` ("gap" or "count"), its fields, and ``readout``
+      (the `CountReadout` fields, with ``model.readout="counts"``).
     pool: the `PooledFeatures` attributes (GAP head, severity head).
   """
   body: dict
@@ -619,6 +692,10 @@ def model_parts(model_config: ml_collections.ConfigDict, *, voxel_target: float 
   else:
     head = dict(kind="gap", **pool, volume_bias_init=volume_bias_init,
                 zero_init_kernel=model_config.zero_init_volume_head)
+  if readout(model_config) == "counts":
+    if voxel_target is None or not voxel_target > 0:
+      raise ValueError(f"model.readout='counts' needs voxel_target > 0, got {voxel_target}")
+    head["readout"] = dict(voxel_target=voxel_target, hidden=model_config.readout_hidden)
   return ModelParts(body, head, pool)
 
 

@@ -68,20 +68,31 @@ class RidgeReadout:
     return weights.astype(np.float32), float(self.offset - self.mean @ weights)
 
 
-def fitted_readout(readout: dict, weights: np.ndarray, bias: float) -> dict:
-  """The ``readout`` collection with the volume head's fit set to ``weights`` (K,) and ``bias``.
+def features_of(outputs: dict) -> np.ndarray:
+  """The features a readout is fitted on: the `CountReadout`'s ``counts`` where the model has
+  one (``model.readout="counts"``), else the volume head's ``pooled`` Dense input; (n, K)."""
+  return np.asarray(outputs["counts"] if "counts" in outputs else outputs["pooled"], np.float64)
 
-  ``readout`` is a train state's ``readout`` collection
-  (`models.RefittableDense`); only ``volume_head/dense`` changes.
+
+def fitted_readout(readout: dict, weights: np.ndarray, bias: float) -> dict:
+  """The ``readout`` collection with the fit set to ``weights`` (K,) and ``bias``.
+
+  ``readout`` is a train state's ``readout`` collection: the fit goes to
+  ``count_readout`` (`models.CountReadout`) where it exists, else to
+  ``volume_head/dense`` (`models.RefittableDense`); nothing else changes.
   """
-  head = dict(readout["volume_head"])
-  head["dense"] = {"kernel": np.asarray(weights, np.float32), "bias": np.float32(bias),
-                   "fitted": np.float32(1.0)}
-  return {**readout, "volume_head": head}
+  fit = {"kernel": np.asarray(weights, np.float32), "bias": np.float32(bias),
+         "fitted": np.float32(1.0)}
+  if "count_readout" in readout:
+    return {**readout, "count_readout": fit}
+  return {**readout, "volume_head": {**readout["volume_head"], "dense": fit}}
 
 
 def unfitted(readout: dict) -> dict:
-  """The ``readout`` collection with the fit switched off: inference uses the trained Dense."""
-  head = dict(readout["volume_head"])
+  """The ``readout`` collection with every fit switched off: inference uses the trained Dense."""
+  result = dict(readout)
+  if "count_readout" in result:
+    result["count_readout"] = {**result["count_readout"], "fitted": np.float32(0.0)}
+  head = dict(result["volume_head"])
   head["dense"] = {**head["dense"], "fitted": np.float32(0.0)}
-  return {**readout, "volume_head": head}
+  return {**result, "volume_head": head}

@@ -315,10 +315,11 @@ def write_val_predictions(workdir: Path, step: int, val_records: list[dict],
 def refit_volume_head(programs: Programs, state: State, train_records: list[dict],
                       config: ml_collections.ConfigDict, mesh: Mesh
                       ) -> tuple[State, ood.Reference]:
-  """``state`` with a closed-form fit of its volume head's Dense layer in ``readout`` (`refit`),
-  and the training distribution of the same features (`evaluation.ood.Reference`).
+  """``state`` with a closed-form fit of its readout in ``readout`` (`refit`): the volume
+  head's Dense layer, or the counts readout (``model.readout="counts"``); and the training
+  distribution of the head's pooled features (`evaluation.ood.Reference`).
 
-  The pooled features of the unaugmented training scans come from the
+  The features (`refit.features_of`) of the unaugmented training scans come from the
   current network (inference mode); the targets are their volumes in scaled
   units; the ridge penalty is chosen by leave-one-out error on them.
   Training never reads the fit, so it changes only what inference predicts.
@@ -327,7 +328,7 @@ def refit_volume_head(programs: Programs, state: State, train_records: list[dict
                                   pipeline.eval_batches(train_records, config.train.batch_size),
                                   mesh, keep_maps=False)
   target = np.array([r["wmh_volume_ml"] for r in train_records]) / config.data.volume_scale_ml
-  weights, bias = refit.RidgeReadout(np.asarray(outputs["pooled"], np.float64), target).dense()
+  weights, bias = refit.RidgeReadout(refit.features_of(outputs), target).dense()
   readout = refit.fitted_readout(state["readout"], weights, bias)
   reference = ood.Reference.fit(np.asarray(outputs["pooled"]))
   return {**state, "readout": sharding.replicate(readout, mesh)}, reference
