@@ -92,13 +92,13 @@ def get_config(arg: str | None = None, recipe: dict | None = None) -> ml_collect
   config.model.seg_prior_init = True
   config.model.num_severity_classes = 5  # severity: quintiles of the training domain's volumes
   # Volume head of weak and joint: "gap" (paper §2.2: global average pool + Dense) or
-  # "count" (voxel lesion fractions summed over the brain, models.CountHead).
+  # "count" (voxel lesion fractions summed over the brain, models.architectures.CountHead).
   config.model.volume_head = "gap"
   config.model.count_hidden = 16       # count head: hidden 1x1x1 channels (0: none)
   # What the closed-form refit (train.refit_head) fits and inference uses, for weak and joint:
   # "head" (the volume head's own Dense input) or "counts" (fixed random 1x1x1 ReLU features
-  # of the body summed over the brain: a counting readout, models.CountReadout; not in the
-  # paper). Training is the same under both.
+  # of the body summed over the brain: a counting readout,
+  # models.architectures.CountReadout; not in the paper). Training is the same under both.
   config.model.readout = "head"
   config.model.readout_hidden = 256    # counts readout: random ReLU channels
 

@@ -1,7 +1,7 @@
 """An out-of-distribution score per scan: the Mahalanobis distance of its volume-head features.
 
 The volume head of the weak and joint networks reads the volume from the
-pooled features g (C,) (`models.VolumeHead` / `CountHead`, output
+pooled features g (C,) (`models.architectures.VolumeHead` / `CountHead`, output
 ``pooled``). At every epoch end, training fits their distribution on the
 unaugmented training scans (`train.refit_volume_head`): the mean m and a
 Ledoit-Wolf shrunk covariance Σ (C features from a few hundred scans: the

@@ -1,6 +1,6 @@
 """Closed-form refit of a volume head's Dense layer on the frozen network's features.
 
-Both volume heads (`models.VolumeHead`, `models.CountHead`) end in
+Both volume heads (`models.architectures.VolumeHead`, `CountHead`) end in
 ``volume = pooled . W + bias``, with ``pooled`` (b, K) their standardised
 pooled features (a model output). With everything before the Dense layer
 fixed, the best W and bias for the training scans are a ridge least-squares
@@ -8,7 +8,7 @@ fit (:class:`RidgeReadout`, its penalty chosen by leave-one-out error on
 the training scans): milliseconds, against the hundreds of noisy Adam steps
 a Dense layer needs to follow a body that is still changing.
 
-The fit goes into the state's ``readout`` collection (`models.RefittableDense`),
+The fit goes into the state's ``readout`` collection (`models.architectures.RefittableDense`),
 which inference uses and training ignores: fed back into training, the
 refitted weights of a GP head made the next steps' loss explode (BUILD_NOTES,
 "Weak labels that measure lesions"). ``train.refit_head`` says when:
@@ -78,8 +78,8 @@ def fitted_readout(readout: dict, weights: np.ndarray, bias: float) -> dict:
   """The ``readout`` collection with the fit set to ``weights`` (K,) and ``bias``.
 
   ``readout`` is a train state's ``readout`` collection: the fit goes to
-  ``count_readout`` (`models.CountReadout`) where it exists, else to
-  ``volume_head/dense`` (`models.RefittableDense`); nothing else changes.
+  ``count_readout`` (`models.architectures.CountReadout`) where it exists, else to
+  ``volume_head/dense`` (`models.architectures.RefittableDense`); nothing else changes.
   """
   fit = {"kernel": np.asarray(weights, np.float32), "bias": np.float32(bias),
          "fitted": np.float32(1.0)}
