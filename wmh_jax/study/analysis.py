@@ -17,21 +17,21 @@ from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
-from absl import flags
 import tqdm
+from absl import flags
 from jax.sharding import Mesh
 
 from wmh_jax.data import records
 from wmh_jax.errors import WMHError
 from wmh_jax.evaluation import conformal, ood
-from wmh_jax.inference import restore as networks_lib
+from wmh_jax.inference import restore
 from wmh_jax.models import kinds
 from wmh_jax.runtime import checkpoint, cli, fileio, sharding
 from wmh_jax.study import (figures as figures_lib, floors as floors_lib, report, scans,
                            tables as tables_lib)
 
 
-def predict_network(network: networks_lib.Network, sets: dict[str, list[dict]], mesh: Mesh,
+def predict_network(network: restore.Network, sets: dict[str, list[dict]], mesh: Mesh,
                     reference: ood.Reference | None = None, covariates: Sequence[str] = ()
                     ) -> list[dict]:
   """Per-scan rows (:func:`wmh_jax.study.scans.scan_row`, with ``ood_score`` from
@@ -39,7 +39,7 @@ def predict_network(network: networks_lib.Network, sets: dict[str, list[dict]], 
   test set, in set and record order."""
   rows = []
   for dataset, recs in sets.items():
-    for record, out in tqdm.tqdm(networks_lib.predict_records(network, recs, mesh),
+    for record, out in tqdm.tqdm(restore.predict_records(network, recs, mesh),
                                  total=len(recs), desc=f"{network.group} seed {network.seed} "
                                  f"{dataset}", unit="scan", file=sys.stderr, leave=False):
       row = scans.scan_row(network, dataset, record, out, reference)
@@ -48,7 +48,7 @@ def predict_network(network: networks_lib.Network, sets: dict[str, list[dict]], 
   return rows
 
 
-def val_predictions(network: networks_lib.Network, mesh: Mesh) -> dict | None:
+def val_predictions(network: restore.Network, mesh: Mesh) -> dict | None:
   """The network's validation predictions: those its training stored for the restored
   checkpoint, else predicted now on its validation split (runs trained before they were
   stored). None for a model without a volume (severity)."""
@@ -59,19 +59,19 @@ def val_predictions(network: networks_lib.Network, mesh: Mesh) -> dict | None:
   val = records.split_records(records.load_records(records.training_manifest(network.config),
                                                    network.config))["val"]
   rows = [scans.scan_row(network, "val", record, out)
-          for record, out in networks_lib.predict_records(network, val, mesh)]
+          for record, out in restore.predict_records(network, val, mesh)]
   return {"scan_id": [r["scan_id"] for r in rows],
           "annotated_ml": [r["annotated_ml"] for r in rows],
           "predicted_ml": [r["predicted_ml"] for r in rows]}
 
 
-def interval_calibrations(networks: Sequence[networks_lib.Network], mesh: Mesh,
+def interval_calibrations(networks: Sequence[restore.Network], mesh: Mesh,
                           level: float = conformal.DEFAULT_LEVEL
                           ) -> dict[tuple[str, str], conformal.Calibration]:
   """(run, score) → the calibration of each volume run's seed ensemble, for every score."""
   stored = {n.name: val_predictions(n, mesh) for n in networks}
   result = {}
-  for group, members in networks_lib.group_networks(networks).items():
+  for group, members in restore.group_networks(networks).items():
     for score in conformal.SCORES:
       calibration = conformal.ensemble_calibration([stored[m.name] for m in members], level,
                                                    score)
@@ -80,7 +80,7 @@ def interval_calibrations(networks: Sequence[networks_lib.Network], mesh: Mesh,
   return result
 
 
-def ood_reference(network: networks_lib.Network, mesh: Mesh) -> ood.Reference | None:
+def ood_reference(network: restore.Network, mesh: Mesh) -> ood.Reference | None:
   """The network's training feature distribution (`evaluation.ood`): the one its training
   stored for the restored checkpoint, else fitted now on its training split (older runs).
   None for kinds without a volume head."""
@@ -91,10 +91,10 @@ def ood_reference(network: networks_lib.Network, mesh: Mesh) -> ood.Reference | 
   train = records.split_records(records.load_records(records.training_manifest(network.config),
                                                      network.config))["train"]
   return ood.Reference.fit(np.stack([out["pooled"] for _, out in
-                                     networks_lib.predict_records(network, train, mesh)]))
+                                     restore.predict_records(network, train, mesh)]))
 
 
-def store_calibration(network: networks_lib.Network, mesh: Mesh) -> Path | None:
+def store_calibration(network: restore.Network, mesh: Mesh) -> Path | None:
   """Writes the validation predictions and OOD reference of a run trained before training
   stored them (`train.write_val_predictions`'s file, for the restored checkpoint), so
   that predict gives it intervals (and, with a volume head, OOD scores). Returns the file,
@@ -111,7 +111,7 @@ def store_calibration(network: networks_lib.Network, mesh: Mesh) -> Path | None:
   return path
 
 
-def network_evaluation_sets(networks: Sequence[networks_lib.Network],
+def network_evaluation_sets(networks: Sequence[restore.Network],
                             datasets: Sequence[str] | None) -> list[dict[str, list[dict]]]:
   """:func:`wmh_jax.data.records.evaluation_sets` of each network, resolved once per
   data config.
@@ -148,7 +148,7 @@ def run_analysis(run_paths: Sequence[str | Path], out: str | Path,
       :func:`network_evaluation_sets`.
   """
   mesh = sharding.make_mesh()
-  networks = networks_lib.load_networks(run_paths, mesh, seeds=seeds)
+  networks = restore.load_networks(run_paths, mesh, seeds=seeds)
   sets = network_evaluation_sets(networks, datasets)
   floors = floors_lib.fit_floors(networks, sets)
   references = {n.name: ood_reference(n, mesh) for n in networks}
@@ -166,7 +166,7 @@ def run_analysis(run_paths: Sequence[str | Path], out: str | Path,
   tables["baselines"] = tables_lib.floor_table(tables["icc_mean"], floors)
   tables["coverage"] = tables_lib.coverage_table(rows, interval_calibrations(networks, mesh))
   thresholds = {group: ood.ensemble_threshold([references[m.name] for m in members])
-                for group, members in networks_lib.group_networks(networks).items()
+                for group, members in restore.group_networks(networks).items()
                 if references[members[0].name] is not None}
   if thresholds:
     tables["ood"] = tables_lib.ood_table(rows, thresholds, records.LOCAL)
@@ -226,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = _seeds(args.seeds)
     if args.store_calibration:
       mesh = sharding.make_mesh()
-      for network in networks_lib.load_networks(runs, mesh, seeds=seeds):
+      for network in restore.load_networks(runs, mesh, seeds=seeds):
         path = store_calibration(network, mesh)
         print(f"{network.name}: " + (f"wrote {path}" if path else "nothing to store"))
       return 0

@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from wmh_jax.data import pipeline, records
-from wmh_jax.inference import restore as networks_lib
+from wmh_jax.inference import restore
 from wmh_jax.models import kinds
 from wmh_jax.study import report
 from wmh_jax.study.floors import BASELINE_KIND
@@ -32,7 +32,7 @@ def _axial(array: np.ndarray, z: int) -> np.ndarray:
   return np.asarray(array)[:, :, z]
 
 
-def _example_panels(network: networks_lib.Network, record: dict, out: dict[str, Any],
+def _example_panels(network: restore.Network, record: dict, out: dict[str, Any],
                     with_image: bool) -> list[Panel]:
   """Panels of one network on one scan, at the axial slice with the most WMH."""
   loaded = pipeline.load_record(record)
@@ -51,7 +51,7 @@ def _example_panels(network: networks_lib.Network, record: dict, out: dict[str, 
   return panels
 
 
-def example_figure_data(networks: Sequence[networks_lib.Network],
+def example_figure_data(networks: Sequence[restore.Network],
                         sets: Sequence[dict[str, list[dict]]], mesh: Mesh, count: int = 3
                         ) -> list[tuple[str, list[Panel]]]:
   """Fig. 3 panels for the ``count`` local test scans with the largest annotated volume.
@@ -75,13 +75,13 @@ def example_figure_data(networks: Sequence[networks_lib.Network],
   examples = {scan_id: [] for scan_id in scan_ids}
   for k, i in enumerate(chosen):
     mine = [r for r in sets[i].get(records.LOCAL, []) if r["scan_id"] in examples]
-    for record, out in networks_lib.predict_records(networks[i], mine, mesh):
+    for record, out in restore.predict_records(networks[i], mine, mesh):
       examples[record["scan_id"]] += _example_panels(networks[i], record, out,
                                                      with_image=k == 0)
   return [(scan_id, panels) for scan_id, panels in examples.items() if panels]
 
 
-def learning_curves(networks: Sequence[networks_lib.Network]) -> list[Curve]:
+def learning_curves(networks: Sequence[restore.Network]) -> list[Curve]:
   """Validation curves (`Kind.curves`) of every network, from its ``metrics.jsonl``.
 
   A network without a log, or a metric never logged, gives no curve.

@@ -19,7 +19,7 @@ import tqdm
 
 from wmh_jax.data import records
 from wmh_jax.evaluation import baselines
-from wmh_jax.inference import restore as networks_lib
+from wmh_jax.inference import restore
 from wmh_jax.study import scans
 
 # The non-deep baselines: kind, and run name per method.
@@ -64,7 +64,7 @@ def _fit_floor(config: ml_collections.ConfigDict, suffix: str) -> Floor:
                threshold=baselines.ThresholdSegmentation().fit(train), sets={})
 
 
-def fit_floors(networks: Sequence[networks_lib.Network],
+def fit_floors(networks: Sequence[restore.Network],
                sets: Sequence[dict[str, list[dict]]]) -> dict[str, Floor]:
   """The baselines of every run, fitted once per grid and training split.
 

@@ -20,9 +20,11 @@ A readout far above the network's own score means the head does not use what
 the body learnt; readouts no better than the network mean the body is the
 limit. With ``--untrained`` every readout is also fitted on the same
 architecture with freshly initialised weights (seeded): what training taught
-the body is the gap between the two. Each readout standardises its pooled features with the training mean
-and SD and picks its ridge penalty by leave-one-out error on the training
-scans alone, so validation and test scans are never seen by a fit.
+the body is the gap between the two. Each readout standardises its pooled
+features with the training mean and SD and picks its ridge penalty by
+leave-one-out error on the training scans alone, so validation and test scans
+are never seen by a fit. ``model.readout="counts"`` makes the ``random relu
+brain sum`` readout a network's own (`wmh_jax.models.architectures.CountReadout`).
 
 Command line (any trained run of any kind, any dataset it was trained on)::
 

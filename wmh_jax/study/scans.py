@@ -21,7 +21,7 @@ import numpy as np
 
 from wmh_jax.data import manifest, nifti
 from wmh_jax.evaluation import attention, metrics, ood
-from wmh_jax.inference import restore as networks_lib
+from wmh_jax.inference import restore
 
 # challenge_metrics key -> predictions.csv column
 CHALLENGE = {"dice": "challenge_dice", "hd95_mm": "hd95_mm", "avd_percent": "avd_percent",
@@ -127,7 +127,7 @@ def intracranial_ml(record: dict, voxel_ml: float) -> float | None:
     return float(data["brain"].sum()) * voxel_ml
 
 
-def scan_row(network: networks_lib.Network, dataset: str, record: dict,
+def scan_row(network: restore.Network, dataset: str, record: dict,
              out: dict[str, Any], ood_reference: ood.Reference | None = None) -> dict:
   """The ``predictions.csv`` row of one scan (see :data:`COLUMNS`).
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from wmh_jax.data import manifest, records
 from wmh_jax.evaluation import conformal, metrics, ood, stats
-from wmh_jax.inference import restore as networks_lib
+from wmh_jax.inference import restore
 from wmh_jax.models import kinds
 from wmh_jax.study import floors as floors_lib
 from wmh_jax.study.results import Table
@@ -444,7 +444,7 @@ def summarise(rows: Sequence[dict], n_boot: int = 1000, seed: int = 0,
   return {table.name: table for table in tables}
 
 
-def networks_table(networks: Sequence[networks_lib.Network]) -> Table:
+def networks_table(networks: Sequence[restore.Network]) -> Table:
   """Which checkpoint of which run was analysed.
 
   Workdirs are written relative to the current directory, so a committed
