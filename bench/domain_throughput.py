@@ -2,7 +2,7 @@
 
 Usage::
 
-  WMH_JAX_CACHE=/work/cache python -m bench.domain_throughput [--grids=cpu,paper]
+  WMH_JAX_CACHE=$HOME/wmh_cache python -m bench.domain_throughput [--grids=cpu,paper]
       [--samples=24] [--repeats=5] [--out=FILE.md]
 
 Times what a Grain worker does per sample after reading the record

@@ -2,7 +2,7 @@
 
 Usage::
 
-  WMH_JAX_CACHE=/work/cache python -m bench.loop [--config=experiments/weak.py:cpu]
+  WMH_JAX_CACHE=$HOME/wmh_cache python -m bench.loop [--config=experiments/weak.py:cpu]
       [--repeats=2]
 
 Runs the real loop (``wmh_jax.training.train.run``: one epoch, 60 steps at ``:cpu``,
