@@ -252,3 +252,19 @@ def test_cli_import_glob_and_validate(tmp_path, write_nifti, capsys):
   assert len(lines) == 1 and "labels/b.nii.gz" in lines[0] and "3.0" in lines[0]
   write_nifti("labels/b.nii.gz", labels)
   assert manifest.main(["validate", str(out)]) == 0
+
+
+def test_cli_help_and_bad_flags(capsys):
+  """absl flags on the command's own FlagValues: --help lists them even though --out and the
+  command are missing; an unknown flag is a usage error (exit 2), as it was under argparse."""
+  with pytest.raises(SystemExit) as exit_info:
+    manifest.main(["--help"])
+  assert exit_info.value.code == 0
+  out = capsys.readouterr().out
+  assert out.startswith("usage: python -m wmh_jax.data.manifest [flags] import-challenge")
+  assert "--mask_desc" in out and "--compilation_cache" in out
+  with pytest.raises(SystemExit) as exit_info:
+    manifest.main(["validate", "m.csv", "--nope=1"])
+  assert exit_info.value.code == 2
+  assert "Unknown command line flag 'nope'" in capsys.readouterr().err
+  assert manifest.main(["frobnicate"]) == 2

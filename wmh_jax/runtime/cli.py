@@ -111,16 +111,17 @@ def parse_command(program: str, description: str, define: Callable[[flags.FlagVa
   flags.DEFINE_bool("help", False, "Show this help and exit.", short_name="h",
                     flag_values=values)
   usage = f"usage: {program} [flags] {arguments}".rstrip()
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if any(arg in ("-h", "--help", "--helpfull") for arg in argv):  # before required flags
+    print(f"{usage}\n\n{description}\n\n{values.get_help(include_special_flags=False)}")
+    raise SystemExit(0)
   try:
-    positional = values([program, *(sys.argv[1:] if argv is None else argv)])[1:]
+    positional = values([program, *argv])[1:]
   except flags.Error as err:
     print(f"{usage}\n{program}: error: {err}", file=sys.stderr)
     raise SystemExit(2) from None
   if positional and not arguments:
     print(f"{usage}\n{program}: error: unexpected arguments {positional}", file=sys.stderr)
     raise SystemExit(2)
-  if values.help:
-    print(f"{usage}\n\n{description}\n\n{values.get_help(include_special_flags=False)}")
-    raise SystemExit(0)
   start_from_flags(values)
   return values, positional
