@@ -381,6 +381,23 @@ class VolumeHead(nn.Module):
     return {"volume": volume, "attention": attention, "pooled": pooled}
 
 
+def random_relu_layer(channels: int, hidden: int, seed: int) -> tuple[jax.Array, jax.Array]:
+  """The fixed random 1x1x1 layer of the counting readout: kernel R ~ N(0, 1/C) (C, K) and
+  bias r ~ N(0, 1) (K,), drawn from ``seed`` (`CountReadout`, `wmh_jax.study.probe`)."""
+  key_kernel, key_bias = jax.random.split(jax.random.key(seed))
+  kernel = jax.random.normal(key_kernel, (channels, hidden)) / math.sqrt(channels)
+  return kernel, jax.random.normal(key_bias, (hidden,))
+
+
+def brain_density(hidden: jax.Array, weights: jax.Array, constant: jax.Array, brain: jax.Array,
+                  voxel_target: float) -> jax.Array:
+  """``brain * (u * h . w) + brain * c / n_brain``: a voxel map (b, x, y, z) whose sum over each
+  scan is ``u * (sum of h over the brain) . w + c``, the volume of a head that sums voxel
+  features h (b, x, y, z, K, zero outside the brain) and reads them out with w (K,) and c (b,)."""
+  n_brain = jnp.maximum(brain.sum(axis=(1, 2, 3)), 1.0)
+  return voxel_target * hidden @ weights + brain * (constant / n_brain)[:, None, None, None]
+
+
 class CountHead(nn.Module):
   """Count head: voxel features summed over the brain (in volume units), then Dense(1).
 
@@ -436,9 +453,7 @@ class CountHead(nn.Module):
                                     name="dense")(pooled.shape[-1], train)
     volume = pooled @ weights + bias
     constant = bias - (mean * inv_std) @ weights
-    n_brain = jnp.maximum(brain.sum(axis=(1, 2, 3)), 1.0)
-    attention = (self.voxel_target * hidden @ (inv_std * weights)
-                 + brain * (constant / n_brain)[:, None, None, None])
+    attention = brain_density(hidden, inv_std * weights, constant, brain, self.voxel_target)
     return {"volume": volume, "attention": attention, "pooled": pooled}
 
 
@@ -477,25 +492,24 @@ class CountReadout(nn.Module):
   @nn.compact
   def __call__(self, features: FeatureStack, image: jax.Array, head: dict[str, jax.Array],
                train: bool) -> dict[str, jax.Array]:
-    """The head's outputs plus ``counts`` (b, K); volume and attention replaced once fitted."""
-    key_kernel, key_bias = jax.random.split(jax.random.key(self.seed))
-    kernel = jax.random.normal(key_kernel, (features.channels, self.hidden)) / math.sqrt(
-        features.channels)
-    bias = jax.random.normal(key_bias, (self.hidden,))
-    brain = (image[..., 0] > 0).astype(jnp.float32)
-    hidden = nn.relu(features.project(kernel) + bias) * brain[..., None]
-    counts = hidden.sum(axis=(1, 2, 3)) * self.voxel_target
+    """At inference, the head's outputs plus ``counts`` (b, K), with volume and attention
+    replaced once fitted; in training (and at init) the head's outputs alone: the training
+    step never computes the random features."""
     readout_kernel = self.variable("readout", "kernel", jnp.zeros, (self.hidden,), jnp.float32)
     readout_bias = self.variable("readout", "bias", jnp.zeros, (), jnp.float32)
     fitted = self.variable("readout", "fitted", jnp.zeros, (), jnp.float32)
-    out = {**head, "counts": counts}
     if train or self.is_initializing():
-      return out
+      return head
+    kernel, bias = random_relu_layer(features.channels, self.hidden, self.seed)
+    brain = (image[..., 0] > 0).astype(jnp.float32)
+    hidden = nn.relu(features.project(kernel) + bias) * brain[..., None]
+    counts = hidden.sum(axis=(1, 2, 3)) * self.voxel_target
+    out = {**head, "counts": counts}
     use = fitted.value > 0
-    n_brain = jnp.maximum(brain.sum(axis=(1, 2, 3)), 1.0)
     volume = counts @ readout_kernel.value + readout_bias.value
-    attention = (self.voxel_target * hidden @ readout_kernel.value
-                 + brain * (readout_bias.value / n_brain)[:, None, None, None])
+    attention = brain_density(hidden, readout_kernel.value,
+                              jnp.broadcast_to(readout_bias.value, volume.shape), brain,
+                              self.voxel_target)
     out["volume"] = jnp.where(use, volume, head["volume"])
     out["attention"] = jnp.where(use, attention, head["attention"])
     return out

@@ -108,12 +108,11 @@ def parse_command(program: str, description: str, define: Callable[[flags.FlagVa
   values = flags.FlagValues()
   define(values)
   define_runtime_flags(values)
-  flags.DEFINE_bool("help", False, "Show this help and exit.", short_name="h",
-                    flag_values=values)
   usage = f"usage: {program} [flags] {arguments}".rstrip()
   argv = list(sys.argv[1:] if argv is None else argv)
   if any(arg in ("-h", "--help", "--helpfull") for arg in argv):  # before required flags
-    print(f"{usage}\n\n{description}\n\n{values.get_help(include_special_flags=False)}")
+    print(f"{usage}\n\n{description} (-h, --help: this help)\n\n"
+          f"{values.get_help(include_special_flags=False)}")
     raise SystemExit(0)
   try:
     positional = values([program, *argv])[1:]

@@ -60,12 +60,11 @@ def make_pooling(body: architectures.UNetBody, hidden: int, seed: int, channels:
   """A jitted ``(body params, images (b, x, y, z, 1)) -> {readout: pooled (b, P)}``.
 
   The random layer is ``relu(F @ R + r)`` with R ~ N(0, 1/C) (C, hidden) and
-  r ~ N(0, 1) (hidden,), fixed by ``seed``. The brain is the image's nonzero
+  r ~ N(0, 1) (hidden,), fixed by ``seed`` (`architectures.random_relu_layer`, the layer of a
+  network's counts readout). The brain is the image's nonzero
   voxels.
   """
-  key_kernel, key_bias = jax.random.split(jax.random.key(seed))
-  kernel = jax.random.normal(key_kernel, (channels, hidden)) / np.sqrt(channels)
-  bias = jax.random.normal(key_bias, (hidden,))
+  kernel, bias = architectures.random_relu_layer(channels, hidden, seed)
 
   @jax.jit
   def pool(params: dict, images: jax.Array) -> dict[str, jax.Array]:
